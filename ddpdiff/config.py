@@ -1,0 +1,302 @@
+"""Typed run configuration: dataclass defaults < YAML file < `--section.field value` flags."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config key or value; the message is one line that names the key."""
+
+
+def _f(default: Any, help: str) -> Any:
+    """A dataclass field with a help line (shown by `--help`); lists get a fresh copy per instance."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class DataConfig:
+    shards: str = _f("data/shards", "shard directory written by tools/make_shards.py (holds manifest.json)")
+    condition: Literal["text", "image", "mix"] = _f(
+        "text", "CLIP embedding the model is conditioned on; mix picks text or image per example")
+    workers: int = _f(2, "data loader worker processes per rank")
+
+
+@dataclass
+class ModelConfig:
+    name: Literal["unet", "unet_classic"] = _f("unet", "denoiser architecture (ddpdiff.models.MODELS)")
+    channels: int = _f(64, "base channel width")
+    channel_mult: list[int] = _f([1, 2, 2, 4], "width multiplier per resolution level")
+    num_res_blocks: int = _f(2, "residual blocks per level (unet)")
+    attn_resolutions: list[int] = _f([16], "feature-map sizes that get self-attention (unet)")
+    num_heads: int = _f(4, "attention heads")
+    cond: Literal["pooled", "tokens", "both"] = _f(
+        "both", "condition on the pooled CLIP embedding, the per-token text states, or both (unet)")
+    cross_attn_resolutions: list[int] = _f([16, 8], "feature-map sizes with cross-attention over text tokens")
+    dropout: float = _f(0.0, "dropout inside residual blocks")
+
+
+@dataclass
+class DiffusionConfig:
+    timesteps: int = _f(100, "number of diffusion steps T")
+    schedule: Literal["cosine", "linear"] = _f("cosine", "noise schedule")
+    target: Literal["eps", "x0", "v", "prev"] = _f(
+        "eps", "what the network predicts: noise, clean image, velocity, or the previous (less noisy) image")
+    min_snr_gamma: float = _f(0.0, "min-SNR-gamma loss weighting; 0 disables it")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = _f(100, "passes over the training split (ignored when max_steps > 0)")
+    max_steps: int = _f(0, "optimizer steps to run; 0 means run `epochs` epochs")
+    global_batch: int = _f(1250, "images per optimizer step, summed over all ranks")
+    micro_batch: int = _f(0, "images per rank per forward pass; 0 means global_batch / world_size")
+    optimizer: Literal["adam", "adamw"] = _f("adam", "optimizer (fused kernels on GPU)")
+    lr: float = _f(1e-3, "peak learning rate")
+    betas: list[float] = _f([0.9, 0.999], "Adam betas")
+    weight_decay: float = _f(0.0, "weight decay")
+    warmup_steps: int = _f(0, "linear learning-rate warm-up steps")
+    lr_schedule: Literal["constant", "cosine"] = _f("constant", "learning rate after warm-up")
+    grad_clip: float = _f(1.0, "clip the global gradient norm to this; 0 disables clipping")
+    ema_decay: float = _f(0.999, "EMA decay of the weights used for sampling")
+    cond_drop: float = _f(0.1, "probability of replacing the condition by the null embedding (for guidance)")
+    precision: Literal["fp32", "bf16", "fp16"] = _f("fp32", "autocast precision; fp16 uses a GradScaler")
+    grad_checkpointing: bool = _f(False, "recompute block activations in backward to save memory")
+    channels_last: bool = _f(False, "use channels_last memory format (faster convs on GPU)")
+    compile: bool = _f(False, "torch.compile the model")
+    max_nonfinite: int = _f(10, "stop after this many non-finite losses in a row")
+    seed: int = _f(0, "global seed; each rank derives its own")
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = _f(1000, "save a checkpoint every N optimizer steps (also at the end and on SIGTERM/SIGUSR1)")
+    keep: int = _f(3, "number of newest checkpoints kept")
+
+
+@dataclass
+class LogConfig:
+    every_steps: int = _f(50, "console and TensorBoard scalars every N steps")
+
+
+@dataclass
+class SampleConfig:
+    every_steps: int = _f(1000, "sample grid to TensorBoard every N steps; 0 disables it")
+    num_prompts: int = _f(8, "validation prompts in the grid")
+    sampler: Literal["ddpm", "ddim"] = _f("ddim", "sampler")
+    steps: int = _f(50, "sampling steps (respaced, at most diffusion.timesteps)")
+    guidance: float = _f(3.0, "classifier-free guidance scale; 0 means unconditional, 1 plain conditional")
+    eta: float = _f(0.0, "DDIM eta (0 is deterministic)")
+
+
+@dataclass
+class DistConfig:
+    timeout_s: int = _f(600, "a collective that waits longer than this fails the job")
+
+
+@dataclass
+class RunConfig:
+    dir: str = _f("runs/default", "run directory: config, checkpoints, TensorBoard logs")
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+def _check(key: str, value: Any, tp: Any) -> Any:
+    """Return value converted to type tp, or raise ConfigError naming key."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{key}: expected one of {', '.join(map(str, typing.get_args(tp)))}, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = [yaml.safe_load(v) for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_check(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(tp):
+            return None
+        (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _check(key, value, inner)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp} for {key}")
+
+
+def _section_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def update(cfg: Any, values: dict[str, Any], prefix: str = "") -> None:
+    """Apply a nested dict of values to a config dataclass in place, type-checking every leaf."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping of keys, got {values!r}")
+    hints = _section_types(type(cfg))
+    for key, value in values.items():
+        full = f"{prefix}{key}"
+        if key not in hints:
+            known = ", ".join(hints)
+            raise ConfigError(f"unknown config key '{full}' (known keys here: {known})")
+        current = getattr(cfg, key)
+        if dataclasses.is_dataclass(current):
+            update(current, value, f"{full}.")
+        else:
+            setattr(cfg, key, _check(full, value, hints[key]))
+
+
+def set_key(cfg: Config, dotted: str, raw: str) -> None:
+    """Set `section.field` from a command-line string (parsed as YAML, so 1e-3, true, [1,2] work)."""
+    parts = dotted.split(".")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    if value is None and raw.strip() not in ("null", "~", ""):
+        value = raw
+    nested: dict[str, Any] = {parts[-1]: value}
+    for part in reversed(parts[:-1]):
+        nested = {part: nested}
+    update(cfg, nested)
+
+
+def load(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Build a Config from defaults, an optional YAML file and `--a.b value` / `--a.b=value` overrides."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
+        try:
+            update(cfg, values)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+    for key, raw in _pairs(overrides or []):
+        set_key(cfg, key, raw)
+    return cfg
+
+
+def _pairs(args: list[str]) -> list[tuple[str, str]]:
+    pairs, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise ConfigError(f"unexpected argument {arg!r}: overrides look like --section.field value")
+        key = arg[2:]
+        if "=" in key:
+            key, raw = key.split("=", 1)
+            i += 1
+        elif i + 1 < len(args):
+            raw = args[i + 1]
+            i += 2
+        else:
+            raise ConfigError(f"--{key}: missing value")
+        if "." not in key:
+            raise ConfigError(f"--{key}: overrides look like --section.field value")
+        pairs.append((key, raw))
+    return pairs
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(values: dict[str, Any]) -> Config:
+    cfg = Config()
+    update(cfg, values)
+    return cfg
+
+
+def dump(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def reference(cfg: Config | None = None) -> str:
+    """Every config key with its type, default and help line: the body of `--help` and the README table."""
+    cfg = cfg or Config()
+    lines = []
+    for section in dataclasses.fields(cfg):
+        sub = getattr(cfg, section.name)
+        hints = _section_types(type(sub))
+        for f in dataclasses.fields(sub):
+            tp = hints[f.name]
+            if typing.get_origin(tp) is Literal:
+                tname = "|".join(map(str, typing.get_args(tp)))
+            else:
+                tname = getattr(tp, "__name__", str(tp)).replace("typing.", "")
+                if typing.get_origin(tp) is list:
+                    tname = f"list[{typing.get_args(tp)[0].__name__}]"
+            default = getattr(sub, f.name)
+            lines.append(f"  --{section.name}.{f.name} {tname} (default {default!r})\n      {f.metadata.get('help', '')}")
+    return "\n".join(lines)
+
+
+def parse_args(description: str, argv: list[str] | None = None, prog: str | None = None,
+               extra: typing.Callable[[argparse.ArgumentParser], None] | None = None,
+               ) -> tuple[Config, argparse.Namespace]:
+    """Command-line front end shared by the training entrypoints.
+
+    Exits with status 2 and a one-line message on any bad key or value.
+    """
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="config keys (override any with --section.field value; later flags win):\n" + reference())
+    parser.add_argument("--config", help="YAML file from jobs/configs/ (defaults apply to keys it omits)")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    if extra is not None:
+        extra(parser)
+    args, rest = parser.parse_known_args(argv)
+    try:
+        cfg = load(args.config, rest)
+    except ConfigError as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
+    if args.dry_run:
+        sys.stdout.write(dump(cfg))
+        parser.exit(0)
+    return cfg, args

@@ -1,0 +1,125 @@
+"""Process-group setup and the few collectives the loop needs; the only caller of init_process_group.
+
+Works in three launches: a plain process (world size 1), torchrun (RANK/WORLD_SIZE/LOCAL_RANK), and
+srun without torchrun (SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID, master taken from the allocation).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import subprocess
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Env:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    backend: str = "none"
+
+
+_env = Env()
+
+
+def _launch_env() -> tuple[int, int, int, int]:
+    """(rank, world_size, local_rank, local_world_size) from torchrun's or SLURM's variables."""
+    e = os.environ
+    if "RANK" in e and "WORLD_SIZE" in e:
+        world = int(e["WORLD_SIZE"])
+        return int(e["RANK"]), world, int(e.get("LOCAL_RANK", 0)), int(e.get("LOCAL_WORLD_SIZE", world))
+    if "SLURM_PROCID" in e and int(e.get("SLURM_NTASKS", "1")) > 1:
+        world = int(e["SLURM_NTASKS"])
+        local_world = world // int(e.get("SLURM_NNODES", "1"))
+        if "MASTER_ADDR" not in e:
+            nodes = subprocess.run(["scontrol", "show", "hostnames", e["SLURM_JOB_NODELIST"]],
+                                   capture_output=True, text=True, check=True).stdout.split()
+            os.environ["MASTER_ADDR"] = nodes[0]
+        os.environ.setdefault("MASTER_PORT", str(20000 + int(e.get("SLURM_JOB_ID", "0")) % 20000))
+        return int(e["SLURM_PROCID"]), world, int(e.get("SLURM_LOCALID", 0)), local_world
+    return 0, 1, 0, 1
+
+
+def init(timeout_s: int = 600) -> Env:
+    """Join the process group (NCCL on GPUs, gloo on the CPU) and pick this rank's device."""
+    global _env
+    rank, world, local_rank, local_world = _launch_env()
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        if os.environ.get("CUDA_VISIBLE_DEVICES"):
+            warnings.warn("CUDA_VISIBLE_DEVICES is set but no CUDA device is usable; running on the CPU with gloo")
+        device = torch.device("cpu")
+        backend = "gloo"
+        # Ranks on one host share its cores; oversubscribing threads makes every rank slower.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    if world > 1:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        dist.init_process_group(backend=backend, rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=timeout_s),
+                                device_id=device if backend == "nccl" else None)
+    else:
+        backend = "none"
+    _env = Env(rank, world, local_rank, local_world, device, backend)
+    return _env
+
+
+def env() -> Env:
+    return _env
+
+
+def rank() -> int:
+    return _env.rank
+
+
+def world_size() -> int:
+    return _env.world_size
+
+
+def is_main() -> bool:
+    return _env.rank == 0
+
+
+def print0(*args, **kwargs) -> None:
+    if is_main():
+        print(*args, **kwargs, flush=True)
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if it is True on any rank: one decision that all ranks take together."""
+    if not dist.is_initialized():
+        return bool(flag)
+    t = torch.tensor([int(flag)], device=_env.device if _env.backend == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def all_mean(values: torch.Tensor) -> torch.Tensor:
+    """Mean of a tensor over ranks (a copy; the input is unchanged)."""
+    values = values.detach().clone()
+    if dist.is_initialized():
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        values /= _env.world_size
+    return values
+
+
+def cleanup() -> None:
+    global _env
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _env = Env()

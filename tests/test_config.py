@@ -1,0 +1,71 @@
+import subprocess
+
+import pytest
+
+from ddpdiff import config
+from ddpdiff.config import ConfigError
+
+from conftest import CONFIGS
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    cfg = config.load(path)
+    assert config.from_dict(config.to_dict(cfg)) == cfg
+
+
+def test_celeba64_keeps_the_original_hyperparameters():
+    cfg = config.load(CONFIGS / "celeba64.yaml")
+    assert (cfg.train.epochs, cfg.diffusion.timesteps, cfg.train.global_batch) == (100, 100, 1250)
+    assert (cfg.train.optimizer, cfg.train.lr, cfg.diffusion.schedule) == ("adam", 1e-3, "cosine")
+
+
+def test_overrides_win_over_yaml_and_later_flags_win():
+    cfg = config.load(CONFIGS / "smoke.yaml", ["--train.lr", "3e-4", "--model.channel_mult=1,2,4",
+                                               "--train.lr=5e-4", "--train.grad_checkpointing", "true"])
+    assert cfg.train.lr == 5e-4
+    assert cfg.model.channel_mult == [1, 2, 4]
+    assert cfg.train.grad_checkpointing is True
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--train.lrr", "1"], "unknown config key 'train.lrr'"),
+    (["--nosuch.key", "1"], "unknown config key 'nosuch'"),
+    (["--train.max_steps", "ten"], "train.max_steps: expected an integer"),
+    (["--train.max_steps", "1.5"], "train.max_steps: expected an integer"),
+    (["--train.precision", "fp8"], "train.precision: expected one of fp32, bf16, fp16"),
+    (["--train.grad_checkpointing", "maybe"], "train.grad_checkpointing: expected true or false"),
+    (["--model.channel_mult", "1,x"], "model.channel_mult[1]: expected an integer"),
+    (["--train.lr"], "--train.lr: missing value"),
+    (["stray"], "unexpected argument 'stray'"),
+])
+def test_bad_overrides_are_one_line_errors_naming_the_key(args, fragment):
+    with pytest.raises(ConfigError) as e:
+        config.load(None, args)
+    assert fragment in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_bad_yaml_names_file_and_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  lr: fast\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: train.lr: expected a number"):
+        config.load(bad)
+    bad.write_text("model: [1, 2]\n")
+    with pytest.raises(ConfigError, match="model: expected a mapping"):
+        config.load(bad)
+    with pytest.raises(ConfigError, match="config file not found"):
+        config.load(tmp_path / "missing.yaml")
+
+
+def test_cli_exits_2_with_one_line_and_dry_run_prints_resolved_config(python, repo):
+    bad = subprocess.run([python, "-c", "from ddpdiff import config; config.parse_args('t')",
+                          "--config", str(CONFIGS / "smoke.yaml"), "--train.nope", "1"],
+                         capture_output=True, text=True, cwd=repo)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().count("\n") == 0 and "unknown config key 'train.nope'" in bad.stderr
+    ok = subprocess.run([python, "-c", "from ddpdiff import config; config.parse_args('t')",
+                         "--config", str(CONFIGS / "smoke.yaml"), "--train.lr", "0.25", "--dry-run"],
+                        capture_output=True, text=True, cwd=repo)
+    assert ok.returncode == 0, ok.stderr
+    assert config.from_dict(__import__("yaml").safe_load(ok.stdout)).train.lr == 0.25
