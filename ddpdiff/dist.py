@@ -60,8 +60,9 @@ def init(timeout_s: int = 600) -> Env:
             warnings.warn("CUDA_VISIBLE_DEVICES is set but no CUDA device is usable; running on the CPU with gloo")
         device = torch.device("cpu")
         backend = "gloo"
-        # Ranks on one host share its cores; oversubscribing threads makes every rank slower.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        # Ranks on one host share its cores: oversubscribed OpenMP threads spin and slow every rank down.
+        if "OMP_NUM_THREADS" not in os.environ:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     if world > 1:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
@@ -100,22 +101,36 @@ def barrier() -> None:
         dist.barrier()
 
 
-def any_rank(flag: bool) -> bool:
-    """True on every rank if it is True on any rank: one decision that all ranks take together."""
-    if not dist.is_initialized():
-        return bool(flag)
-    t = torch.tensor([int(flag)], device=_env.device if _env.backend == "nccl" else "cpu")
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+def _all_reduce(t: torch.Tensor, op) -> torch.Tensor:
+    """All-reduce a copy of a CPU tensor (moved to the GPU and back under NCCL)."""
+    out = t.detach().clone()
+    if dist.is_initialized():
+        if _env.backend == "nccl":
+            out = out.to(_env.device)
+        dist.all_reduce(out, op=op)
+    return out.cpu()
+
+
+def any_rank(*flags: bool) -> bool | tuple[bool, ...]:
+    """Each flag is True on every rank if it is True on any rank: decisions all ranks take together."""
+    out = _all_reduce(torch.tensor([int(f) for f in flags]), dist.ReduceOp.MAX if dist.is_initialized() else None)
+    result = tuple(bool(v) for v in out.tolist())
+    return result[0] if len(result) == 1 else result
+
+
+def all_sum(values: torch.Tensor) -> torch.Tensor:
+    return _all_reduce(values, dist.ReduceOp.SUM if dist.is_initialized() else None)
 
 
 def all_mean(values: torch.Tensor) -> torch.Tensor:
-    """Mean of a tensor over ranks (a copy; the input is unchanged)."""
-    values = values.detach().clone()
-    if dist.is_initialized():
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-        values /= _env.world_size
-    return values
+    return all_sum(values) / _env.world_size
+
+
+def all_equal(value: int) -> bool:
+    """Whether every rank holds the same integer."""
+    both = _all_reduce(torch.tensor([value, -value], dtype=torch.int64),
+                       dist.ReduceOp.MAX if dist.is_initialized() else None)
+    return both[0].item() == value and -both[1].item() == value
 
 
 def cleanup() -> None:

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
+
+# One thread per process: the suite starts several processes on a 2-core machine, and OpenMP threads that
+# outnumber the cores spin-wait and run many times slower. Subprocesses inherit the variable.
+os.environ["OMP_NUM_THREADS"] = "1"
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "jobs" / "configs"
@@ -27,3 +35,14 @@ def celeba_root(tmp_path_factory) -> Path:
     from ddpdiff import synthetic
 
     return synthetic.make(tmp_path_factory.mktemp("celeba"), num=48, seed=0, workers=1, progress=False)
+
+
+@pytest.fixture(scope="session")
+def shards_dir(celeba_root, tmp_path_factory) -> Path:
+    """Shards of `celeba_root` with the tiny random CLIP and token states, 8 samples per shard."""
+    from ddpdiff import shards
+
+    out = tmp_path_factory.mktemp("shards")
+    shards.write_shards(celeba_root, out, clip_model="tiny", clip_pretrained="none", samples_per_shard=8,
+                        workers=0, clip_batch_size=16, progress=False)
+    return out

@@ -1,0 +1,122 @@
+"""Loading open_clip models and encoding images, prompts and per-token text states.
+
+Shards, sampling and evaluation all encode through `load(...)`, so the same model name and weights give
+the same numbers everywhere (up to the float16 the shards store).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+CONFIG_DIR = Path(__file__).resolve().parent / "clip_configs"
+RANDOM_WEIGHTS_SEED = 0  # `--clip-pretrained none` always builds the same weights
+TOKEN_LAYER = "ln_final"  # token states are the text tower's last hidden states after its final layer norm
+
+open_clip.add_model_config(CONFIG_DIR)
+
+
+class ClipError(ValueError):
+    """A model or weights that cannot be loaded; the message is one line that says what to pass instead."""
+
+
+def _resolve_model(model: str) -> str:
+    """A registered name as is; a JSON config file is registered under its stem."""
+    if model.endswith(".json"):
+        path = Path(model)
+        if not path.is_file():
+            raise ClipError(f"CLIP config file not found: {model}")
+        open_clip.add_model_config(path)
+        return path.stem
+    if model not in open_clip.list_models():
+        raise ClipError(f"unknown CLIP model {model!r}: pass an open_clip name (e.g. ViT-B-32), 'tiny', "
+                        "or a model config .json file")
+    return model
+
+
+def _create(name: str, pretrained: str, device: str) -> tuple[torch.nn.Module, object]:
+    """The model in eval mode and its evaluation preprocessing; random weights are seeded locally."""
+    if pretrained == "none":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_WEIGHTS_SEED)
+            model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, device=device)
+        return model.eval(), preprocess
+    is_path = os.sep in pretrained or pretrained.endswith((".bin", ".pt", ".pth", ".safetensors"))
+    if is_path and not os.path.isfile(pretrained):
+        raise ClipError(f"CLIP weights file not found: {pretrained} (pass an existing open_clip checkpoint file)")
+    if not is_path and pretrained not in open_clip.list_pretrained_tags_by_model(name):
+        raise ClipError(f"{name} has no pretrained tag {pretrained!r}: pass one of "
+                        f"{open_clip.list_pretrained_tags_by_model(name) or []}, a local weights file, or 'none'")
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
+    except Exception as e:  # download failures arrive as many exception types
+        first = (str(e).splitlines() or [type(e).__name__])[0][:160]
+        raise ClipError(f"could not load {name} weights {pretrained!r} ({first}); offline? download the "
+                        f"checkpoint elsewhere and pass it as --clip-pretrained /path/to/weights") from e
+    return model.eval(), preprocess
+
+
+class Encoder:
+    """An open_clip model with its tokenizer and preprocessing, returning numpy float32 arrays."""
+
+    def __init__(self, model: str = "ViT-B-32", pretrained: str = "openai", device: str = "cpu"):
+        self.model_name, self.pretrained, self.device = model, pretrained, device
+        name = _resolve_model(model)
+        self.model, self.preprocess = _create(name, pretrained, device)
+        self.tokenizer = open_clip.get_tokenizer(name)
+        text = getattr(self.model, "text", self.model)  # CustomTextCLIP keeps its text tower in .text
+        if getattr(text, "cls_emb", None) is not None or not hasattr(text, "ln_final"):
+            raise ClipError(f"{model}: token states need a text tower whose ln_final sees every token")
+        self._ln_final = text.ln_final
+        self._text_layers = len(text.transformer.resblocks)
+        self.dim = int(self.encode_texts([""]).shape[1])
+        self.token_dim = int(self._ln_final.normalized_shape[0])
+
+    def info(self) -> dict:
+        """The manifest's "clip" entry: enough to reload this encoder with `load(model, pretrained)`."""
+        return {"model": self.model_name, "pretrained": self.pretrained, "dim": self.dim,
+                "token_dim": self.token_dim, "token_layer": TOKEN_LAYER, "text_layers": self._text_layers}
+
+    @torch.no_grad()
+    def encode_pixels(self, pixels: torch.Tensor) -> np.ndarray:
+        """L2-normalised image embeddings of already preprocessed images [N, 3, S, S]."""
+        x = self.model.encode_image(pixels.to(self.device))
+        return F.normalize(x.float(), dim=-1).cpu().numpy()
+
+    def encode_images(self, images: list[Image.Image]) -> np.ndarray:
+        """L2-normalised image embeddings [N, D], through open_clip's own preprocessing."""
+        return self.encode_pixels(torch.stack([self.preprocess(im) for im in images]))
+
+    @torch.no_grad()
+    def encode_prompts(self, texts: list[str]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Pooled L2-normalised embeddings [N, D] and per-token states [L_i, Dt] from one text forward."""
+        tokens = self.tokenizer(texts).to(self.device)
+        states = []
+        hook = self._ln_final.register_forward_hook(lambda _m, _i, out: states.append(out))
+        try:
+            pooled = self.model.encode_text(tokens)
+        finally:
+            hook.remove()
+        hidden = states[0].float().cpu().numpy()
+        ends = (tokens == self.tokenizer.eot_token_id).int().argmax(dim=1).cpu().numpy()  # first end-of-text
+        per_token = [hidden[i, : ends[i] + 1] for i in range(len(texts))]
+        return F.normalize(pooled.float(), dim=-1).cpu().numpy(), per_token
+
+    def encode_texts(self, texts: list[str]) -> np.ndarray:
+        """L2-normalised pooled text embeddings [N, D]."""
+        return self.encode_prompts(texts)[0]
+
+    def encode_tokens(self, texts: list[str]) -> list[np.ndarray]:
+        """Final hidden states [L_i, Dt] after ln_final, before the projection, up to and including EOT."""
+        return self.encode_prompts(texts)[1]
+
+
+def load(model: str = "ViT-B-32", pretrained: str = "openai", device: str = "cpu") -> Encoder:
+    """An encoder for `model` (open_clip name, 'tiny', or config .json) with `pretrained` (tag, file, 'none')."""
+    return Encoder(model, pretrained, device)

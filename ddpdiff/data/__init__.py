@@ -1,0 +1,11 @@
+"""The training input pipeline over the WebDataset shards (layout in docs/architecture.md).
+
+`Loader` gives each rank its batches of an epoch (exact-once over ranks and workers, seeded order, start
+mid-epoch); `read_samples` gives the first samples of a split as one batch; `load_manifest` reads and
+checks `manifest.json`. Errors are `DataError`, with a one-line message naming the file or field.
+"""
+
+from .loader import Loader, read_samples
+from .manifest import DataError, load_manifest
+
+__all__ = ["DataError", "Loader", "load_manifest", "read_samples"]

@@ -1,0 +1,168 @@
+"""Sample indices to a training batch: one pread per sample, members stacked as numpy, then torch tensors.
+
+A batch passes through one intermediate form, the *numpy batch*: `image` uint8 [B,H,W,3], `clip_text` and
+`clip_image` float16 [B,D], `tokens` float16 [B,L,Dt] zero-padded with `token_len` int [B], `attrs`
+float32 [B,40], and lists for `prompt`, `key` and extra members. `to_torch` is the only way out of it, so
+batches built sample by sample (`stack`, for `map_sample` hooks) come out exactly like read ones.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import operator
+import os
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .index import CLIP_IMAGE, CLIP_TEXT, IMAGE, META, PROMPT, TOKENS, SplitIndex, npy_specs
+from .manifest import DataError
+
+FIXED = {"image": IMAGE, "clip_text": CLIP_TEXT, "clip_image": CLIP_IMAGE}  # batch key -> member
+
+
+def _decode_image(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def _decode_npy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+# How an `extra` member is decoded, by the last part of its extension.
+DECODERS: dict[str, Callable[[bytes], object]] = {
+    "jpg": _decode_image, "jpeg": _decode_image, "png": _decode_image, "webp": _decode_image,
+    "npy": _decode_npy, "json": json.loads, "txt": bytes.decode,
+}
+
+
+class Reader:
+    """Reads numpy batches of one split by sample index; forks and pickles into loader workers cheaply."""
+
+    def __init__(self, index: SplitIndex, manifest: dict, extra: tuple[str, ...] = ()):
+        unknown = [e for e in extra if e.rpartition(".")[2] not in DECODERS]
+        if unknown:
+            raise DataError(f"extra: no decoder for {', '.join(unknown)} (known extensions: {', '.join(DECODERS)})")
+        specs = npy_specs(manifest)
+        column = {m: c for c, m in enumerate(index.members)}
+        self.index, self.extra = index, extra
+        self._fixed = [(key, column[m], np.dtype(specs[m][0]), specs[m][1]) for key, m in FIXED.items()]
+        self._tokens = (column[TOKENS], specs[TOKENS][1][1]) if TOKENS in column else None
+        self._meta, self._prompt = column[META], column[PROMPT]
+        self._extra = [(name, column[name], DECODERS[name.rpartition(".")[2]]) for name in extra]
+        self._attrs = operator.itemgetter(*manifest["attributes"])
+        self._files: dict[int, object] = {}
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_files": {}}  # open files stay in their process
+
+    def read(self, indices: Sequence[int]) -> dict:
+        """The numpy batch of these samples, in this order."""
+        ix = self.index
+        idx = np.asarray(indices, np.int64)
+        spans, locs, shards = ix.span[idx].tolist(), ix.loc[idx].tolist(), ix.shard[idx].tolist()
+        fixed = [[] for _ in self._fixed]
+        tokens, attrs, prompts, keys = [], [], [], []
+        extras = [[] for _ in self._extra]
+        for i, (start, length), loc, s in zip(idx.tolist(), spans, locs, shards):
+            key = ix.keys[i]
+            buf = os.pread(self._fileno(s), length, start)
+            if len(buf) != length:
+                raise DataError(f"{ix.paths[s]}: sample {key} is truncated (the shard changed after indexing)")
+            row = np.frombuffer(buf, np.uint8)
+            for out, (_, c, _, _) in zip(fixed, self._fixed):
+                o, n = loc[c]
+                out.append(row[o:o + n])
+            if self._tokens:
+                (o, n), dim = loc[self._tokens[0]], self._tokens[1]
+                tokens.append(row[o:o + n].view(np.float16).reshape(-1, dim))
+            o, n = loc[self._meta]
+            try:
+                attrs.append(self._attrs(json.loads(buf[o:o + n])["attrs"]))
+            except (ValueError, KeyError, TypeError) as e:
+                raise DataError(f"{ix.paths[s]}: {key}.json: expected {{'attrs': {{40 names: 0/1}}}} ({e!r})") from None
+            o, n = loc[self._prompt]
+            prompts.append(buf[o:o + n].decode())
+            for out, (_, c, decode) in zip(extras, self._extra):
+                o, n = loc[c]
+                out.append(decode(buf[o:o + n]))
+            keys.append(key)
+        batch = {key: np.stack(out).view(dtype).reshape(len(idx), *shape)
+                 for out, (key, _, dtype, shape) in zip(fixed, self._fixed)}
+        if self._tokens:
+            batch["tokens"], batch["token_len"] = pad(tokens)
+        batch["attrs"] = np.asarray(attrs, np.float32)
+        bad = ~np.isin(batch["attrs"], (0, 1)).all(axis=1)
+        if bad.any():
+            s = shards[bad.argmax()]
+            raise DataError(f"{ix.paths[s]}: {keys[bad.argmax()]}.json: attrs values must be 0 or 1")
+        batch["prompt"], batch["key"] = prompts, keys
+        batch.update({name: out for out, (name, _, _) in zip(extras, self._extra)})
+        return batch
+
+    def _fileno(self, shard: int) -> int:
+        f = self._files.get(shard)
+        if f is None:
+            f = self._files[shard] = open(self.index.paths[shard], "rb", buffering=0)
+        return f.fileno()
+
+
+def pad(arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """[L_i, Dt] arrays as one [B, max L_i, Dt] array, zero past each L_i, and the L_i."""
+    lengths = np.array([len(a) for a in arrays], np.int64)
+    out = np.zeros((len(arrays), lengths.max(initial=0), *arrays[0].shape[1:]), arrays[0].dtype)
+    for row, a in zip(out, arrays):
+        row[:len(a)] = a
+    return out, lengths
+
+
+def unbatch(batch: dict) -> list[dict]:
+    """A numpy batch as per-sample dicts (tokens cut to their real length), the form `map_sample` sees."""
+    n = len(batch["key"])
+    samples = [{k: v[j] for k, v in batch.items() if k not in ("tokens", "token_len")} for j in range(n)]
+    if "tokens" in batch:
+        for s, t, length in zip(samples, batch["tokens"], batch["token_len"]):
+            s["tokens"] = t[:length]
+    return samples
+
+
+def stack(samples: list[dict], lists: tuple[str, ...]) -> dict:
+    """Per-sample dicts back into a numpy batch: arrays stacked, tokens padded, the rest (and `lists`) as lists."""
+    batch = {}
+    for k in samples[0]:
+        values = [s[k] for s in samples]
+        if k == "tokens":
+            batch["tokens"], batch["token_len"] = pad(values)
+        elif k in lists or not isinstance(values[0], np.ndarray):
+            batch[k] = values
+        else:
+            try:
+                batch[k] = np.stack(values)
+            except ValueError:
+                raise DataError(f"map_sample: {k!r} arrays differ in shape across samples "
+                                f"({sorted({v.shape for v in values})}); return equal shapes or list it in extra") from None
+    return batch
+
+
+def to_torch(batch: dict) -> dict:
+    """Tensors from a numpy batch: image to float32 [B,3,H,W] in [-1, 1], float16 to float32, mask from lengths."""
+    out = {}
+    for k, v in batch.items():
+        if k == "image":
+            image = torch.from_numpy(v).permute(0, 3, 1, 2)
+            out[k] = torch.empty(image.shape).copy_(image).div_(127.5).sub_(1)
+        elif k == "token_len":
+            out["token_mask"] = torch.arange(batch["tokens"].shape[1]) < torch.from_numpy(v)[:, None]
+        elif isinstance(v, np.ndarray):
+            t = torch.from_numpy(v)
+            out[k] = t.float() if t.dtype == torch.float16 else t
+        else:
+            out[k] = v
+    return out

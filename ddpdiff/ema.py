@@ -1,0 +1,27 @@
+"""Exponential moving average of model weights, kept on every rank so sampling never depends on one."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+class EMA:
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)  # starts as an exact copy
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        ema = list(self.model.parameters())
+        torch._foreach_lerp_(ema, [p.detach() for p in model.parameters()], 1.0 - self.decay)
+        for b_ema, b in zip(self.model.buffers(), model.buffers()):
+            b_ema.copy_(b)
+
+    def state_dict(self) -> dict:
+        return self.model.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state)

@@ -1,0 +1,277 @@
+"""The training loop every ddpdiff trainer runs: DDP, mixed precision, accumulation, EMA, checkpoints, resume.
+
+A trainer (diffusion, super-resolution, attribute classifier) supplies a `Task`: its loader, model, loss and
+periodic evaluation. Everything else — the part that must be right on hundreds of GPUs — lives here once.
+All randomness of optimizer step s on rank r is drawn from a seed derived from (train.seed, s, r), so a
+resumed run repeats an uninterrupted one bit for bit, at any point it was killed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any, Iterator, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from . import checkpoint, config, dist
+from .atomic import write_text
+from .config import Config, ConfigError
+from .ema import EMA
+from .monitor import Monitor
+
+
+class Task(Protocol):
+    """What a trainer plugs into the loop."""
+
+    def loader(self, cfg: Config, env: dist.Env) -> Any:
+        """A `ddpdiff.data.Loader` (or anything with `batches_per_epoch` and `epoch(e, start)`)."""
+
+    def build_model(self, cfg: Config) -> nn.Module: ...
+
+    def validate(self, cfg: Config) -> list[str]:
+        """Problems with this config for this task, to be reported together with the loop's own."""
+
+    def loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        """Mean loss of a micro-batch and logging stats {name: (sum tensor, count tensor)}."""
+
+    def describe(self, model: nn.Module) -> dict[str, Any]:
+        """Figures for the first log line (parameter count, FLOPs per image…)."""
+
+    def evaluate(self, step: int, model: nn.Module, monitor: Monitor) -> None:
+        """Periodic evaluation with the EMA weights; called on every rank at the same step."""
+
+
+class StopRequest:
+    """Remembers a SIGTERM/SIGUSR1 so the loop can checkpoint at a step every rank agrees on."""
+
+    def __init__(self):
+        self.signal: str | None = None
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signal.Signals(signum).name
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def step_seed(seed: int, step: int, rank: int, micro: int = 0) -> int:
+    return int(np.random.SeedSequence([seed, step, rank, micro]).generate_state(1)[0])
+
+
+def lr_at(step: int, total: int, cfg: config.TrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "cosine":
+        progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return cfg.lr
+
+
+@contextlib.contextmanager
+def ddp_sync(model: nn.Module, sync: bool):
+    """Skip DDP's gradient all-reduce on all but the last micro-batch of an accumulated step."""
+    if sync or not isinstance(model, DDP):
+        yield
+    else:
+        with model.no_sync():
+            yield
+
+
+def batches(loader, epoch: int, start: int) -> Iterator[tuple[int, int, dict]]:
+    """(epoch, index in epoch, batch) from a position onwards, across epoch boundaries."""
+    while True:
+        for i, batch in enumerate(loader.epoch(epoch, start=start), start):
+            yield epoch, i, batch
+        epoch, start = epoch + 1, 0
+
+
+def micro_batches(batch: dict, size: int) -> Iterator[dict]:
+    n = len(batch["key"])
+    for i in range(0, n, size):
+        yield {k: v[i:i + size] for k, v in batch.items()}
+
+
+def validate(cfg: Config, env: dist.Env, task: Task, loader) -> None:
+    """Every problem with this run, in one error."""
+    t = cfg.train
+    problems = list(task.validate(cfg))
+    per_rank = t.global_batch // env.world_size
+    if t.global_batch % env.world_size:
+        problems.append(f"train.global_batch {t.global_batch} is not divisible by the world size {env.world_size}")
+    elif t.micro_batch and per_rank % t.micro_batch:
+        problems.append(f"train.micro_batch {t.micro_batch} does not divide the per-rank batch {per_rank}")
+    if loader is not None and loader.batches_per_epoch == 0:
+        problems.append(f"data.shards: the training split is smaller than one global batch of {t.global_batch}")
+    if t.max_steps < 0 or t.epochs < 1:
+        problems.append("train.max_steps must be >= 0 and train.epochs >= 1")
+    if cfg.checkpoint.every_steps < 1 or cfg.checkpoint.keep < 1:
+        problems.append("checkpoint.every_steps and checkpoint.keep must be >= 1")
+    if problems:
+        raise ConfigError("invalid run: " + "; ".join(problems))
+
+
+def run(cfg: Config, task: Task) -> int:
+    env = dist.env()
+    run_dir = Path(cfg.run.dir)
+    t = cfg.train
+
+    # Data and config checks (every rank reaches the same verdict, so none is left waiting).
+    loader = task.loader(cfg, env)
+    validate(cfg, env, task, loader)
+    per_rank = t.global_batch // env.world_size
+    micro = t.micro_batch or per_rank
+    total_steps = t.max_steps or t.epochs * loader.batches_per_epoch
+
+    # Model (the same initial weights on every rank and every run), EMA, optimizer, precision.
+    torch.manual_seed(t.seed)
+    model = task.build_model(cfg).to(env.device)
+    if t.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    ema = EMA(model, t.ema_decay)
+    cuda = env.device.type == "cuda"
+    opt_cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
+    optimizer = opt_cls(model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
+                        **({"fused": True} if cuda else {"foreach": True}))
+    scaler = torch.amp.GradScaler(env.device.type, enabled=t.precision == "fp16")
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision)
+
+    # Resume from the newest checkpoint that verifies; every rank must land on the same step.
+    step, epoch, index, samples_seen = 0, 0, 0, 0
+    found = checkpoint.load_latest(run_dir, log=dist.print0)
+    if found is not None:
+        state, path = found
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        step, epoch, index, samples_seen = state["step"], state["epoch"], state["batch"], state["samples_seen"]
+        dist.print0(f"resumed from {path} (step {step}, epoch {epoch}, batch {index})")
+    if not dist.all_equal(step):
+        raise RuntimeError(f"ranks resumed from different steps (this rank: {step}); is {run_dir} shared?")
+    if dist.is_main():
+        write_text(run_dir / "config.yaml", config.dump(cfg))
+    train_model = DDP(model, device_ids=[env.device.index] if cuda else None) if env.world_size > 1 else model
+    if t.compile:
+        train_model = torch.compile(train_model)
+
+    monitor = Monitor(run_dir, dist.is_main())
+    info = {"world_size": env.world_size, "ranks_per_node": env.local_world_size, "device": str(env.device),
+            "backend": env.backend, "precision": t.precision, **task.describe(model)}
+    dist.print0("ddpdiff " + " ".join(f"{k}={v}" for k, v in info.items()))
+    dist.print0(f"training to step {total_steps}: {loader.batches_per_epoch} steps per epoch, global batch "
+                f"{t.global_batch} ({per_rank} per rank in micro-batches of {micro}), run dir {run_dir}")
+    if found is None and cfg.sample.every_steps:
+        task.evaluate(0, ema.model, monitor)
+    stop = StopRequest()
+    last_saved = step if found is not None else -1
+    nonfinite_run, nonfinite_total = 0, 0
+    stats: dict[str, list[torch.Tensor]] = {}
+    tick, tick_step = time.perf_counter(), step
+
+    def save() -> None:
+        nonlocal last_saved
+        if dist.is_main():
+            checkpoint.save(run_dir, step, {
+                "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(), "step": step, "epoch": epoch, "batch": index,
+                "samples_seen": samples_seen, "config": config.to_dict(cfg),
+                "rng": {"seed": t.seed, "torch": torch.get_rng_state(),
+                        "cuda": torch.cuda.get_rng_state_all() if cuda else []},
+            }, cfg.checkpoint.keep)
+        last_saved = step
+        dist.barrier()
+
+    # The loop: one optimizer step per global batch.
+    try:
+        data = batches(loader, epoch, index) if step < total_steps else iter(())
+        for epoch_now, i, batch in data:
+            model.train()
+            for g in optimizer.param_groups:
+                g["lr"] = lr_at(step, total_steps, t)
+            losses = []
+            parts = list(micro_batches(batch, micro))
+            for m, part in enumerate(parts):
+                seed = step_seed(t.seed, step, env.rank, m)
+                torch.manual_seed(seed)  # dropout and anything else drawing from the global generator
+                gen = torch.Generator(env.device).manual_seed(seed)
+                with ddp_sync(train_model, m == len(parts) - 1), \
+                        torch.autocast(env.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                    loss, part_stats = task.loss(train_model, part, gen)
+                scaler.scale(loss / len(parts)).backward()
+                losses.append(loss.detach())
+                for name, (s, c) in part_stats.items():
+                    acc = stats.setdefault(name, [torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)])
+                    acc[0] += s.detach().double().cpu()
+                    acc[1] += c.detach().double().cpu()
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf)
+            finite = bool(torch.isfinite(torch.stack(losses)).all()) and bool(torch.isfinite(grad_norm))
+            bad, stopping = dist.any_rank(not finite, stop.signal is not None)
+
+            # Skip a step with a non-finite loss or gradient on any rank; too many in a row ends the run.
+            if bad:
+                optimizer.zero_grad(set_to_none=True)
+                scaler.update()
+                nonfinite_run += 1
+                nonfinite_total += 1
+                if nonfinite_run > t.max_nonfinite:
+                    raise FloatingPointError(
+                        f"{nonfinite_run} non-finite losses in a row at step {step}; stopping with the last good "
+                        f"checkpoint intact (lower train.lr, use bf16, or raise train.max_nonfinite)")
+            else:
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                ema.update(model)
+                nonfinite_run = 0
+            step += 1
+            samples_seen += t.global_batch
+            epoch, index = (epoch_now, i + 1) if i + 1 < loader.batches_per_epoch else (epoch_now + 1, 0)
+
+            # Monitoring, periodic evaluation and checkpoints.
+            if step % cfg.log.every_steps == 0 or step == total_steps:
+                elapsed = time.perf_counter() - tick
+                values = {"train/loss": dist.all_mean(torch.stack(losses).mean().float().cpu()).item(),
+                          "train/lr": optimizer.param_groups[0]["lr"], "train/grad_norm": float(grad_norm),
+                          "train/images_per_s": t.global_batch * (step - tick_step) / max(elapsed, 1e-9),
+                          "train/samples_seen": samples_seen, "train/epoch": epoch_now,
+                          "train/nonfinite_steps": nonfinite_total}
+                for name, (s, c) in sorted(stats.items()):
+                    s, c = dist.all_sum(s), dist.all_sum(c)
+                    if c > 0:
+                        values[name] = (s / c).item()
+                if cuda:
+                    values["train/gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                monitor.scalars(step, values)
+                stats.clear()
+                tick, tick_step = time.perf_counter(), step
+            if cfg.sample.every_steps and step % cfg.sample.every_steps == 0:
+                task.evaluate(step, ema.model, monitor)
+            if step % cfg.checkpoint.every_steps == 0 or step == total_steps or stopping:
+                save()
+            if stopping:
+                dist.print0(f"stopped by signal {stop.signal or '(on another rank)'} at step {step}; "
+                            f"checkpoint saved, the same command resumes")
+                break
+            if step >= total_steps:
+                break
+
+        # Final save, unless this step is already on disk.
+        if last_saved != step:
+            save()
+    finally:
+        stop.restore()
+        monitor.close()
+    if step >= total_steps:
+        dist.print0(f"done: {step} steps, checkpoints in {run_dir / 'checkpoints'}, TensorBoard logs in "
+                    f"{run_dir / 'tb'}")
+    return 0

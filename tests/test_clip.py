@@ -1,0 +1,91 @@
+"""ddpdiff.clip: the shipped tiny model is deterministic; embeddings and token states are what they claim."""
+
+import os
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ddpdiff import clip
+
+PROMPTS = ["Photo of person.", "Photo of person arched eyebrows, smiling, wearing hat.", ""]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return clip.load("tiny", "none")
+
+
+def test_tiny_weights_do_not_depend_on_global_rng():
+    torch.manual_seed(1)
+    a = clip.load("tiny", "none").model.state_dict()
+    torch.manual_seed(2)
+    expected_next = torch.rand(3)
+    torch.manual_seed(2)
+    b = clip.load("tiny", "none").model.state_dict()
+    assert torch.equal(torch.rand(3), expected_next)  # loading left the global RNG alone
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_tiny_by_config_path_equals_tiny_by_name(tiny):
+    other = clip.load(str(clip.CONFIG_DIR / "tiny.json"), "none")
+    np.testing.assert_array_equal(other.encode_texts(PROMPTS), tiny.encode_texts(PROMPTS))
+
+
+def test_info(tiny):
+    assert tiny.info() == {"model": "tiny", "pretrained": "none", "dim": 64, "token_dim": 128,
+                           "token_layer": "ln_final", "text_layers": 4}
+
+
+def test_image_embeddings_are_normalised(tiny):
+    images = [Image.new("RGB", (178, 218), (200, 30, 30)), Image.new("L", (64, 64), 90).convert("RGB")]
+    emb = tiny.encode_images(images)
+    assert emb.shape == (2, 64) and emb.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1, rtol=1e-5)
+    assert not np.allclose(emb[0], emb[1])
+
+
+def test_token_states_end_at_end_of_text(tiny):
+    states = tiny.encode_tokens(PROMPTS)
+    lengths = [len(tiny.tokenizer.encode(p)) + 2 for p in PROMPTS]  # + start and end of text
+    assert [s.shape for s in states] == [(n, 128) for n in lengths]
+    assert all(s.dtype == np.float32 for s in states)
+
+
+def test_token_states_are_ln_final_outputs_the_pooled_embedding_projects(tiny):
+    """The pooled embedding is the end-of-text state through text_projection: same layer, right position."""
+    pooled = tiny.encode_texts(PROMPTS)
+    np.testing.assert_allclose(np.linalg.norm(pooled, axis=1), 1, rtol=1e-5)
+    projection = tiny.model.text_projection.detach().numpy()
+    for state, emb in zip(tiny.encode_tokens(PROMPTS), pooled):
+        projected = state[-1] @ projection
+        np.testing.assert_allclose(projected / np.linalg.norm(projected), emb, atol=1e-5)
+
+
+def test_batching_does_not_change_results(tiny):
+    together = tiny.encode_tokens(PROMPTS)
+    alone = [tiny.encode_tokens([p])[0] for p in PROMPTS]
+    for a, b in zip(together, alone):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("model, pretrained, message", [
+    ("tiny", "/no/such/weights.bin", "CLIP weights file not found: /no/such/weights.bin"),
+    ("tiny", "laion2b", "tiny has no pretrained tag 'laion2b'"),
+    ("ViT-Z-99", "none", "unknown CLIP model 'ViT-Z-99'"),
+    ("/no/such/config.json", "none", "CLIP config file not found: /no/such/config.json"),
+])
+def test_load_errors_say_what_to_pass(model, pretrained, message):
+    with pytest.raises(clip.ClipError, match=message):
+        clip.load(model, pretrained)
+
+
+@pytest.mark.slow
+def test_offline_hub_error_says_how_to_pass_a_local_file(repo, python):
+    """Run where no weights are cached and the hub is unreachable (HF_HUB_OFFLINE)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME="/nonexistent-cache")
+    code = "from ddpdiff import clip\ntry:\n clip.load('ViT-B-32', 'openai')\nexcept clip.ClipError as e:\n print(e)"
+    out = subprocess.run([python, "-c", code], cwd=repo, env=env, capture_output=True, text=True, timeout=120)
+    assert "--clip-pretrained /path/to/weights" in out.stdout and out.stdout.count("\n") == 1

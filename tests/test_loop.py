@@ -1,0 +1,25 @@
+import pytest
+
+from ddpdiff import config, loop
+
+
+def test_lr_warmup_then_cosine_to_zero():
+    t = config.TrainConfig(lr=1.0, warmup_steps=4, lr_schedule="cosine")
+    assert [loop.lr_at(s, 12, t) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert loop.lr_at(4, 12, t) == 1.0
+    assert loop.lr_at(8, 12, t) == pytest.approx(0.5)
+    assert loop.lr_at(12, 12, t) == pytest.approx(0.0)
+    assert loop.lr_at(100, 12, config.TrainConfig(lr=0.3)) == 0.3
+
+
+def test_step_seeds_differ_by_step_rank_and_micro_batch_and_repeat():
+    seeds = {loop.step_seed(0, s, r, m) for s in range(5) for r in range(3) for m in range(2)}
+    assert len(seeds) == 30
+    assert loop.step_seed(1, 2, 3, 0) == loop.step_seed(1, 2, 3, 0)
+
+
+def test_micro_batches_split_every_field():
+    batch = {"key": list("abcdef"), "image": list(range(6))}
+    parts = list(loop.micro_batches(batch, 4))
+    assert [p["key"] for p in parts] == [list("abcd"), list("ef")]
+    assert parts[1]["image"] == [4, 5]

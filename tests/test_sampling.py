@@ -1,0 +1,183 @@
+import math
+
+import pytest
+import torch
+
+from ddpdiff.config import DiffusionConfig
+from ddpdiff.diffusion import TARGETS, Diffusion
+from ddpdiff.sampling import ddim_sample, ddim_step, ddpm_sample, ddpm_step, respaced, sample
+
+T = 100
+
+
+def make(target="eps", schedule="cosine"):
+    return Diffusion(DiffusionConfig(timesteps=T, schedule=schedule, target=target))
+
+
+def clean_images(b=4, seed=0, dtype=torch.float32):
+    return torch.rand(b, 3, 8, 8, generator=torch.Generator().manual_seed(seed), dtype=dtype) * 1.8 - 0.9
+
+
+def oracle(diff, x0):
+    """A perfect denoiser for a known x0: reads the true noise off x_t and returns the configured target."""
+    def denoise(x_t, t, cond):
+        ab = diff.schedule.alphas_cumprod[t].to(x_t.dtype).view(-1, 1, 1, 1)
+        eps = (x_t - ab.sqrt() * x0) / (1 - ab).sqrt()
+        return diff.make_target(x0, eps, x_t, t)
+    return denoise
+
+
+def test_respaced_timesteps_run_from_T_minus_1_to_0_without_repeats():
+    for steps in (1, 2, 7, 50, T):
+        ts = respaced(T, steps)
+        assert len(ts) == len(set(ts)) == steps and ts[0] == T - 1 and ts == sorted(ts, reverse=True)
+        assert steps == 1 or ts[-1] == 0
+    assert respaced(T, None) == list(range(T - 1, -1, -1))
+    with pytest.raises(ValueError, match="1..100"):
+        respaced(T, T + 1)
+
+
+@pytest.mark.parametrize("target", sorted(TARGETS))
+@pytest.mark.parametrize("steps", [T, 10, 1])
+def test_deterministic_ddim_with_an_oracle_recovers_x0(target, steps):
+    diff = make(target)
+    x0 = clean_images(dtype=torch.float64)
+    x_T = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    out = ddim_sample(oracle(diff, x0), diff, x_T, steps=steps, eta=0.0)
+    torch.testing.assert_close(out, x0, atol=1e-9, rtol=0)
+    x0, x_T = x0.float(), x_T.float()  # float32: the last step divides by sqrt(ab_T) ~ 5e-4 for eps
+    torch.testing.assert_close(ddim_sample(oracle(diff, x0), diff, x_T, steps=steps), x0, atol=1e-3, rtol=0)
+
+
+def test_deterministic_ddim_keeps_the_oracle_on_one_noise_trajectory():
+    """With eta = 0 and a perfect denoiser every visited x_t is sqrt(ab_t) x0 + sqrt(1 - ab_t) eps for one eps."""
+    diff = make()
+    ab = diff.schedule.alphas_cumprod
+    x0 = clean_images(dtype=torch.float64)
+    eps = torch.randn(x0.shape, dtype=torch.float64)
+    visited, perfect = [], oracle(diff, x0)
+
+    def denoise(x_t, t, cond):
+        visited.append((x_t, t[0].item()))
+        return perfect(x_t, t, cond)
+
+    ddim_sample(denoise, diff, ab[-1].sqrt() * x0 + (1 - ab[-1]).sqrt() * eps, steps=7)
+    assert [t for _, t in visited] == respaced(T, 7)
+    for x_t, t in visited:
+        torch.testing.assert_close(x_t, ab[t].sqrt() * x0 + (1 - ab[t]).sqrt() * eps, atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("steps", [T, 10])
+def test_ddpm_with_an_oracle_recovers_x0(steps):
+    diff = make()
+    x0 = clean_images(dtype=torch.float64)
+    x_T = torch.randn(x0.shape, dtype=torch.float64)
+    out = ddpm_sample(oracle(diff, x0), diff, x_T, steps=steps, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out, x0, atol=1e-9, rtol=0)
+
+
+def test_ddpm_step_is_the_posterior_of_ho_et_al():
+    """Eq. 7 of Ho et al. (2020), with beta_t for adjacent steps and 1 - ab_t/ab_s across respaced gaps."""
+    ab = make().schedule.alphas_cumprod.tolist()
+    x0, x_t = clean_images(seed=1), torch.randn(4, 3, 8, 8)
+    for t, s in [(50, 49), (1, 0), (99, 98), (60, 40)]:
+        beta = 1 - ab[t] / ab[s]
+        mean, var = ddpm_step(x_t, x0, ab[t], ab[s])
+        expected = (math.sqrt(ab[s]) * beta / (1 - ab[t]) * x0
+                    + math.sqrt(1 - beta) * (1 - ab[s]) / (1 - ab[t]) * x_t)
+        torch.testing.assert_close(mean, expected)
+        assert var == pytest.approx((1 - ab[s]) / (1 - ab[t]) * beta, rel=1e-12)
+    mean, var = ddpm_step(x_t, x0, ab[0], 1.0)
+    assert torch.equal(mean, x0) and var == 0
+
+
+def reference_ddim_step(x_t, eps, ab_t, ab_prev, eta, z):
+    """Song et al. (2021) eq. 12 with sigma from eq. 16, in its own (eps) form."""
+    sigma = eta * math.sqrt((1 - ab_prev) / (1 - ab_t)) * math.sqrt(1 - ab_t / ab_prev)
+    pred_x0 = (x_t - math.sqrt(1 - ab_t) * eps) / math.sqrt(ab_t)
+    return math.sqrt(ab_prev) * pred_x0 + math.sqrt(1 - ab_prev - sigma ** 2) * eps + sigma * z
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+def test_one_ddim_step_matches_the_paper(eta):
+    ab = make().schedule.alphas_cumprod.tolist()
+    g = torch.Generator().manual_seed(3)
+    x_t, eps, z = (torch.randn(2, 3, 8, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    for t, s in [(99, 89), (50, 49), (10, 0)]:
+        x0 = (x_t - math.sqrt(1 - ab[t]) * eps) / math.sqrt(ab[t])
+        mean, var = ddim_step(x_t, x0, ab[t], ab[s], eta)
+        torch.testing.assert_close(mean + math.sqrt(var) * z, reference_ddim_step(x_t, eps, ab[t], ab[s], eta, z))
+
+
+def affine_denoiser(x_t, t, cond):
+    """A deterministic stand-in network, so samplers can be compared without training anything."""
+    return 0.5 * x_t + 0.01 * t.float().view(-1, 1, 1, 1) / T
+
+
+@pytest.mark.parametrize("steps", [T, 13])
+def test_ddim_with_eta_one_is_ancestral_ddpm(steps):
+    diff = make()
+    x_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    a = ddpm_sample(affine_denoiser, diff, x_T, steps=steps, generator=torch.Generator().manual_seed(5))
+    b = ddim_sample(affine_denoiser, diff, x_T, steps=steps, eta=1.0, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(a, b)
+    c = ddim_sample(affine_denoiser, diff, x_T, steps=steps, eta=0.0, generator=torch.Generator().manual_seed(5))
+    assert not torch.allclose(a, c)
+
+
+class RecordingModel(torch.nn.Module):
+    """model(x_t, t, cond, drop): a fixed function of x_t and the (possibly dropped) condition; logs calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.null = torch.nn.Parameter(torch.full((3,), -0.3))
+        self.calls = []
+
+    def forward(self, x, t, cond, drop):
+        self.calls.append((x.shape[0], drop.clone()))
+        c = torch.where(drop[:, None], self.null, cond["pooled"])
+        return 0.3 * x + c[:, :, None, None]
+
+
+def test_guidance_mixes_both_predictions_in_one_batched_forward():
+    diff = make()
+    cond = {"pooled": torch.tensor([[0.2, -0.1, 0.4], [0.0, 0.3, -0.2]])}
+    model = RecordingModel()
+    x_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    def reference(x, t, c):
+        u = model(x, t, c, torch.ones(2, dtype=torch.bool))
+        return u + 3.0 * (model(x, t, c, torch.zeros(2, dtype=torch.bool)) - u)
+
+    expected = ddim_sample(reference, diff, x_T, cond, steps=5)
+    model.calls.clear()
+    got = sample(model, cond, (2, 3, 8, 8), diff, steps=5, guidance=3.0, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(got, expected.clamp(-1, 1))
+    assert len(model.calls) == 5
+    assert all(n == 4 and drop.tolist() == [False, False, True, True] for n, drop in model.calls)
+
+
+@pytest.mark.parametrize("guidance, dropped", [(1.0, False), (0.0, True)])
+def test_guidance_one_and_zero_take_a_single_plain_forward(guidance, dropped):
+    model = RecordingModel()
+    sample(model, {"pooled": torch.zeros(2, 3)}, (2, 3, 8, 8), make(), steps=3, guidance=guidance)
+    assert len(model.calls) == 3
+    assert all(n == 2 and drop.tolist() == [dropped, dropped] for n, drop in model.calls)
+
+
+@pytest.mark.parametrize("sampler, eta", [("ddpm", 0.0), ("ddim", 0.0), ("ddim", 0.7)])
+def test_the_same_seed_gives_the_same_images(sampler, eta):
+    model, diff, cond = RecordingModel(), make(), {"pooled": torch.zeros(2, 3)}
+    run = lambda seed: sample(model, cond, (2, 3, 8, 8), diff, sampler=sampler, steps=6, eta=eta, guidance=2.0,
+                              generator=torch.Generator().manual_seed(seed))
+    a, b, c = run(0), run(0), run(1)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.shape == (2, 3, 8, 8) and a.min() >= -1 and a.max() <= 1
+
+
+def test_sample_rejects_unknown_samplers_and_eta_for_ddpm():
+    model, diff, cond = RecordingModel(), make(), {"pooled": torch.zeros(1, 3)}
+    with pytest.raises(ValueError, match="unknown sampler 'euler'"):
+        sample(model, cond, (1, 3, 4, 4), diff, sampler="euler")
+    with pytest.raises(ValueError, match="ddim sampler only"):
+        sample(model, cond, (1, 3, 4, 4), diff, sampler="ddpm", eta=0.5)

@@ -1,0 +1,193 @@
+"""The training entrypoint, in-process and as real multi-process DDP (torchrun + gloo on the CPU)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddpdiff import checkpoint, train
+
+from conftest import CONFIGS
+
+SMOKE = str(CONFIGS / "smoke.yaml")
+
+
+def _args(shards, run_dir, *extra):
+    return ["--config", SMOKE, "--data.shards", str(shards), "--run.dir", str(run_dir), *map(str, extra)]
+
+
+def _torchrun(nproc, args, **kw):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_port", str(29500 + os.getpid() % 1000), "-m", "ddpdiff.train", *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, **kw)
+
+
+def _final(run_dir):
+    state, _ = checkpoint.load_latest(run_dir)
+    return state
+
+
+def _assert_same_tensors(a, b, what=""):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), what
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), what
+        for k in a:
+            _assert_same_tensors(a[k], b[k], f"{what}.{k}")
+    elif isinstance(a, (list, tuple)):
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same_tensors(x, y, f"{what}[{i}]")
+    else:
+        assert a == b, what
+
+
+def test_single_process_run_writes_config_checkpoints_and_tensorboard(shards_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train.main(_args(shards_dir, run, "--sample.every_steps", 3)) == 0
+    out = capsys.readouterr().out
+    first = next(line for line in out.splitlines() if line.startswith("ddpdiff "))
+    for field in ("world_size=1", "device=cpu", "precision=fp32", "params=", "gflops_per_image="):
+        assert field in first
+    assert (run / "config.yaml").read_text().count("shards:") == 1
+    names = [p.name for p in checkpoint.candidates(run)]
+    assert names == ["step_00000006.pt", "step_00000003.pt"]  # every 3 steps, keep 2
+    state = torch.load(run / "checkpoints" / names[0], weights_only=True)
+    assert {"model", "ema", "optimizer", "step", "epoch", "config", "batch", "scaler", "rng"} <= state.keys()
+    assert state["config"]["train"]["max_steps"] == 6
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tb"), size_guidance={"images": 0, "scalars": 0}).Reload()
+    tags = events.Tags()
+    for tag in ("train/loss", "train/lr", "train/grad_norm", "train/images_per_s", "train/samples_seen",
+                "train/epoch", "loss_by_t/q1"):
+        assert tag in tags["scalars"], tag
+    assert [e.step for e in events.Scalars("train/loss")] == [2, 4, 6]
+    assert all(torch.isfinite(torch.tensor(e.value)) for e in events.Scalars("train/loss"))
+    assert {"samples/ema", "samples/real"} <= set(tags["images"])
+    assert [e.step for e in events.Images("samples/ema")] == [0, 3, 6]
+
+
+def test_finished_run_started_again_does_nothing_more(shards_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    train.main(_args(shards_dir, run))
+    before = (run / "checkpoints" / "step_00000006.pt").read_bytes()
+    assert train.main(_args(shards_dir, run)) == 0
+    assert (run / "checkpoints" / "step_00000006.pt").read_bytes() == before
+    assert "resumed from" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_runs_and_stays_finite(shards_dir, tmp_path, precision):
+    run = tmp_path / precision
+    assert train.main(_args(shards_dir, run, "--train.precision", precision, "--train.max_steps", 2)) == 0
+    state = _final(run)
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert (state["scaler"] != {}) == (precision == "fp16")
+
+
+def test_grad_checkpointing_gives_the_same_training(shards_dir, tmp_path):
+    runs = {}
+    for flag in ("false", "true"):
+        run = tmp_path / flag
+        assert train.main(_args(shards_dir, run, "--train.grad_checkpointing", flag, "--train.max_steps", 3)) == 0
+        runs[flag] = _final(run)["model"]
+    for k in runs["false"]:
+        torch.testing.assert_close(runs["true"][k], runs["false"][k], rtol=1e-5, atol=1e-6)
+
+
+def test_config_problems_are_reported_together_before_training(shards_dir, tmp_path, capsys):
+    code = train.main(_args(shards_dir, tmp_path / "r", "--train.global_batch", 7, "--sample.steps", 500))
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "sample.steps 500 exceeds" in err and "train.global_batch 7" not in err  # 7 divides world 1
+    code = train.main(_args(shards_dir, tmp_path / "r", "--train.global_batch", 6, "--train.micro_batch", 4,
+                            "--sample.steps", 500))
+    err = capsys.readouterr().err
+    assert code == 2 and "micro_batch 4" in err and "sample.steps 500" in err
+    assert err.strip().count("\n") == 0
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+def test_two_rank_ddp_run_completes(shards_dir, tmp_path):
+    run = tmp_path / "ddp"
+    proc = _torchrun(2, _args(shards_dir, run))
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert "world_size=2" in out and "backend=gloo" in out
+    assert out.count("ddpdiff world_size") == 1  # only rank 0 logs
+    assert _final(run)["step"] == 6
+
+
+@pytest.mark.slow
+def test_sigkill_at_any_point_then_resume_is_bitwise_identical(shards_dir, tmp_path):
+    steps = ("--train.max_steps", 30, "--checkpoint.every_steps", 4, "--checkpoint.keep", 3)
+    reference = tmp_path / "reference"
+    proc = _torchrun(2, _args(shards_dir, reference, *steps))
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+
+    run = tmp_path / "killed"
+    proc = _torchrun(2, _args(shards_dir, run, *steps))
+    marker = checkpoint.path_for(run, 8).with_name("step_00000008.pt.sha256")
+    deadline = time.time() + 240
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    assert not checkpoint.path_for(run, 30).exists(), "the run finished before it could be killed"
+
+    proc = _torchrun(2, _args(shards_dir, run, *steps))
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert "resumed from" in out
+    a, b = _final(reference), _final(run)
+    for key in ("model", "ema", "optimizer", "step", "epoch", "batch", "samples_seen"):
+        _assert_same_tensors(a[key], b[key], key)
+
+
+@pytest.mark.slow
+def test_sigterm_makes_every_rank_checkpoint_and_the_same_command_resumes(shards_dir, tmp_path):
+    args = _args(shards_dir, tmp_path / "run", "--train.max_steps", 100000, "--checkpoint.every_steps", 100000,
+                 "--log.every_steps", 1)
+    proc = _torchrun(2, args)
+    for line in proc.stdout:
+        if line.startswith("step 3 "):
+            break
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert "stopped by signal SIGTERM" in out, out
+    saved = _final(tmp_path / "run")["step"]
+    assert 3 <= saved < 100000
+    code = train.main(args[:-6] + ["--train.max_steps", str(saved + 2)])
+    assert code == 0 and _final(tmp_path / "run")["step"] == saved + 2
+
+
+@pytest.mark.slow
+def test_corrupt_newest_checkpoint_is_reported_and_the_previous_used(shards_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train.main(_args(shards_dir, run)) == 0
+    newest = checkpoint.path_for(run, 6)
+    newest.write_bytes(newest.read_bytes()[:-50])
+    assert train.main(_args(shards_dir, run)) == 0
+    out = capsys.readouterr().out
+    assert "step_00000006.pt skipped: checksum mismatch" in out and "resumed from" in out and "(step 3," in out
+    assert _final(run)["step"] == 6
+
+
+@pytest.mark.slow
+def test_a_rank_that_raises_takes_the_job_down(shards_dir, tmp_path):
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("")
+    proc = _torchrun(2, _args(shards_dir, blocker / "run"))  # rank 0 cannot write its run directory
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    assert "NotADirectoryError" in out or "FileExistsError" in out, out

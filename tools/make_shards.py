@@ -1,0 +1,87 @@
+#!/usr/bin/env python3
+"""Turn a CelebA folder into WebDataset training shards with CLIP image, text and token embeddings.
+
+Writes OUT/{train,val,test}/SPLIT-NNNNNN.tar and OUT/manifest.json (layout: docs/architecture.md).
+Restartable (--resume), byte-identical for the same input and flags, and splittable over a SLURM array
+(--num-tasks/--task-index, then --merge OUT). Bad annotation files, a refused OUT or an unloadable CLIP
+model exit with status 2 and one line saying what is wrong.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ddpdiff import celeba, clip, shards  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    num_tasks, task_index = shards.task_from_env()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", help="CelebA root: img_align_celeba/, list_attr_celeba.txt, list_eval_partition.txt, "
+                                  "optional identity_CelebA.txt")
+    p.add_argument("--out", help="output folder for the shards and manifest.json")
+    p.add_argument("--merge", metavar="OUT", help="only combine the finished tasks' files under OUT/tasks into "
+                                                  "OUT/manifest.json (the last step of a SLURM array)")
+    p.add_argument("--image-size", type=int, default=64, help="side of the resized square image (default 64)")
+    p.add_argument("--samples-per-shard", type=int, default=1000, help="images per shard (default 1000)")
+    p.add_argument("--clip-model", default="ViT-B-32",
+                   help="open_clip model name, 'tiny' (shipped test model) or a model config .json")
+    p.add_argument("--clip-pretrained", default="openai",
+                   help="open_clip pretrained tag, a local weights file, or 'none' for seeded random weights")
+    p.add_argument("--no-tokens", dest="tokens", action="store_false",
+                   help="omit KEY.clip_tokens.npy (per-token text states)")
+    p.add_argument("--device", choices=["cuda", "cpu"], default=None, help="CLIP device (default: cuda if available)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes for decode/crop/resize (default: all usable cores; 0 = in this process)")
+    p.add_argument("--clip-batch-size", type=int, default=256, help="images and prompts per CLIP forward")
+    p.add_argument("--resume", action="store_true", help="continue a killed run, keeping verified finished shards")
+    p.add_argument("--overwrite", action="store_true", help="replace what an earlier run wrote in OUT")
+    p.add_argument("--num-tasks", type=int, default=num_tasks,
+                   help=f"tasks sharing the work (default: $SLURM_ARRAY_TASK_COUNT or 1; now {num_tasks})")
+    p.add_argument("--task-index", type=int, default=task_index,
+                   help=f"this task's index (default: $SLURM_ARRAY_TASK_ID or 0; now {task_index})")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    args = p.parse_args(argv)
+    if not args.merge and not (args.root and args.out):
+        p.error("pass --root and --out to write shards, or --merge OUT to combine finished tasks")
+    return args
+
+
+def summary(manifest: dict) -> str:
+    """What a run wrote and every image it skipped, with the reason."""
+    counts = ", ".join(f"{s} {manifest['splits'][s]['count']}" for s in celeba.SPLITS)
+    shards_total = sum(len(v["shards"]) for v in manifest["splits"].values())
+    lines = [f"wrote {manifest['count']} samples in {shards_total} shards ({counts}); "
+             f"skipped {len(manifest['skipped'])}"]
+    lines += [f"  skipped {s['file']}: {s['reason']}" for s in manifest["skipped"]]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.merge:
+            print(summary(shards.merge(args.merge)))
+            return 0
+        result = shards.write_shards(
+            args.root, args.out, image_size=args.image_size, samples_per_shard=args.samples_per_shard,
+            clip_model=args.clip_model, clip_pretrained=args.clip_pretrained, tokens=args.tokens,
+            device=args.device, workers=args.workers, clip_batch_size=args.clip_batch_size, resume=args.resume,
+            overwrite=args.overwrite, num_tasks=args.num_tasks, task_index=args.task_index,
+            progress=args.progress)
+    except (celeba.AnnotationError, clip.ClipError, shards.ShardError) as e:
+        print(f"make_shards: error: {e}", file=sys.stderr)
+        return 2
+    if args.num_tasks == 1:
+        print(summary(result))
+    else:
+        skipped = sum(len(s["skipped"]) for s in result["shards"])
+        print(f"task {args.task_index} of {args.num_tasks}: wrote {len(result['shards'])} shards, skipped "
+              f"{skipped} images; run `{Path(__file__).name} --merge {args.out}` once every task is done")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,293 @@
+#!/usr/bin/env python3
+"""Start, stop or check a real two-node SLURM cluster on this host, for the SLURM tests and local trials.
+
+Two slurmd daemons (nodes n1 and n2, each advertising --cpus CPUs and --gpus fake GPUs) and one slurmctld share
+this machine; munged, slurm.conf, spool directories and logs all live in the state directory, so nothing
+under /etc/slurm or /etc/munge is touched. The one system change is a line `127.0.0.1 n1 n2` appended to
+/etc/hosts (removed again by `stop`), so that node names resolve for MASTER_ADDR and the rendezvous.
+
+Needs root and the Debian packages munge, slurmctld, slurmd and slurm-client. Point SLURM's commands at
+the cluster with `export SLURM_CONF=STATE/slurm.conf` (`start` and `env` print that line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_STATE = Path(os.environ.get("DDPDIFF_SLURM_STATE", "/tmp/ddpdiff-slurm"))
+NODES = ("n1", "n2")
+PARTITION = "debug"
+# Ports away from SLURM's defaults (6817/6818) so a system cluster on this host is left alone.
+CTLD_PORT = 16817
+SLURMD_PORTS = {"n1": 16818, "n2": 16819}
+BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "sinfo")
+HOSTS = Path("/etc/hosts")
+HOSTS_MARK = "# ddpdiff tools/slurm_cluster.py"
+
+
+class ClusterError(RuntimeError):
+    """The cluster cannot be started here; the message says why in one line."""
+
+
+def unavailable_reason() -> str | None:
+    """Why the cluster cannot run on this machine, or None if it can."""
+    if os.geteuid() != 0:
+        return "needs root (the daemons run as SlurmUser=root and /etc/hosts gets node names)"
+    missing = [b for b in BINARIES if shutil.which(b) is None]
+    if missing:
+        return (f"missing {', '.join(missing)}: apt-get install -y --no-install-recommends "
+                "munge slurmctld slurmd slurm-client")
+    return None
+
+
+def _conf(state: Path, cpus: int, gpus: int, memory_mb: int) -> str:
+    host = socket.gethostname()
+    nodes = ",".join(NODES)
+    node_lines = "\n".join(
+        f"NodeName={n} NodeHostname={host} NodeAddr=127.0.0.1 Port={SLURMD_PORTS[n]} CPUs={cpus} "
+        f"RealMemory={memory_mb} Gres=gpu:{gpus} State=UNKNOWN" for n in NODES)
+    return f"""\
+# Written by tools/slurm_cluster.py; removed by `stop`.
+ClusterName=ddpdiff
+SlurmctldHost={host}(127.0.0.1)
+SlurmctldPort={CTLD_PORT}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+# cred_expire also sets how long a requeued job waits before it may start again (default 120 s).
+AuthInfo=socket={state}/munge/munge.socket,cred_expire=5
+CredType=cred/munge
+StateSaveLocation={state}/ctld
+SlurmctldPidFile={state}/slurmctld.pid
+SlurmctldLogFile={state}/log/slurmctld.log
+SlurmdSpoolDir={state}/spool/%n
+SlurmdPidFile={state}/slurmd-%n.pid
+SlurmdLogFile={state}/log/slurmd-%n.log
+# Two daemons on one host: no cgroups to share, so track processes through /proc and bind nothing.
+# Nodes advertise the configured CPUs even on a smaller host, so the scripts' real defaults schedule here.
+SlurmdParameters=config_overrides
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+MpiDefault=none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+GresTypes=gpu
+SchedulerType=sched/backfill
+SchedulerParameters=sched_interval=1,bf_interval=1
+AccountingStorageType=accounting_storage/none
+JobAcctGatherType=jobacct_gather/none
+ReturnToService=2
+MailProg=/bin/true
+JobRequeue=1
+# Short timings so tests see finished jobs leave the queue and signals escalate quickly.
+MinJobAge=5
+KillWait=10
+SlurmctldTimeout=30
+SlurmdTimeout=30
+InactiveLimit=0
+Waittime=0
+SlurmctldDebug=info
+SlurmdDebug=info
+{node_lines}
+PartitionName={PARTITION} Nodes={nodes} Default=YES MaxTime=INFINITE State=UP
+"""
+
+
+def _gres_conf(state: Path, gpus: int) -> str:
+    last = gpus - 1
+    files = f"{state}/dev/fakegpu[0-{last}]" if gpus > 1 else f"{state}/dev/fakegpu0"
+    return f"NodeName=n[1-{len(NODES)}] Name=gpu File={files}\n"
+
+
+def _pid(path: Path) -> int | None:
+    """The live process whose id is in path, or None."""
+    try:
+        pid = int(path.read_text().split()[0])
+        os.kill(pid, 0)
+        return pid
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _pidfiles(state: Path) -> list[Path]:
+    return [state / "munge" / "munged.pid", state / "slurmctld.pid",
+            *(state / f"slurmd-{n}.pid" for n in NODES)]
+
+
+def _env(state: Path) -> dict[str, str]:
+    return {**os.environ, "SLURM_CONF": str(state / "slurm.conf")}
+
+
+def _node_states(state: Path) -> dict[str, str]:
+    out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %T"], env=_env(state),
+                         capture_output=True, text=True, timeout=10)
+    return dict(line.split() for line in out.stdout.splitlines() if line.strip()) if out.returncode == 0 else {}
+
+
+def is_running(state: Path = DEFAULT_STATE) -> bool:
+    """Every daemon is alive and both nodes answer."""
+    if not (state / "slurm.conf").is_file() or not all(_pid(p) for p in _pidfiles(state)):
+        return False
+    states = _node_states(state)
+    return all(n in states and not states[n].startswith(("down", "unknown")) for n in NODES)
+
+
+def _add_hosts() -> None:
+    """Make n1 and n2 resolve to this host (written in place: /etc/hosts may be a bind mount)."""
+    try:
+        if all(socket.gethostbyname(n) == "127.0.0.1" for n in NODES):
+            return
+    except OSError:
+        pass
+    with HOSTS.open("a") as f:
+        f.write(f"127.0.0.1 {' '.join(NODES)} {HOSTS_MARK}\n")
+
+
+def _remove_hosts() -> None:
+    lines = HOSTS.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if HOSTS_MARK not in line]
+    if kept != lines:
+        HOSTS.write_text("".join(kept))
+
+
+def _run_daemon(cmd: list[str], state: Path) -> None:
+    """Start a daemon that forks into the background; fail with its own words if it cannot."""
+    out = subprocess.run(cmd, env=_env(state), capture_output=True, text=True, timeout=30)
+    if out.returncode != 0:
+        raise ClusterError(f"{' '.join(cmd)} failed: {(out.stderr or out.stdout).strip()}")
+
+
+def _log_tails(state: Path) -> str:
+    tails = []
+    for log in sorted((state / "log").glob("*.log")):
+        tails.append(f"--- {log}\n" + "".join(log.read_text(errors="replace").splitlines(True)[-15:]))
+    return "\n".join(tails)
+
+
+def start(state: Path = DEFAULT_STATE, cpus: int = 32, gpus: int = 2, memory_mb: int = 1000,
+          timeout_s: float = 60) -> Path:
+    """Bring the cluster up (a no-op if it already is) and return the path of its slurm.conf."""
+    reason = unavailable_reason()
+    if reason:
+        raise ClusterError(f"cannot start the SLURM test cluster: {reason}")
+    if is_running(state):
+        return state / "slurm.conf"
+    stop(state)  # a half-started cluster from an earlier run: clear it first
+    for sub in ("munge", "ctld", "log", "dev", *(f"spool/{n}" for n in NODES)):
+        (state / sub).mkdir(parents=True, exist_ok=True)
+    # munged wants its socket's directories searchable by all and writable by no one else.
+    for d in (state, state / "munge"):
+        d.chmod(0o755)
+    key = state / "munge" / "munge.key"
+    if not key.exists():
+        key.write_bytes(os.urandom(1024))
+        key.chmod(0o400)
+    for i in range(gpus):
+        dev = state / "dev" / f"fakegpu{i}"
+        if not dev.exists():  # a character device like /dev/null: SLURM only needs the file to exist
+            os.mknod(dev, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    (state / "slurm.conf").write_text(_conf(state, cpus, gpus, memory_mb))
+    (state / "gres.conf").write_text(_gres_conf(state, gpus))
+    _add_hosts()
+
+    m = state / "munge"
+    _run_daemon(["munged", f"--socket={m}/munge.socket", f"--key-file={key}", f"--pid-file={m}/munged.pid",
+                 f"--log-file={state}/log/munged.log", f"--seed-file={m}/munged.seed"], state)
+    _run_daemon(["slurmctld", "-i"], state)
+    for n in NODES:
+        _run_daemon(["slurmd", "-N", n], state)
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        states = _node_states(state)
+        if all(states.get(n, "").startswith(("idle", "mix", "alloc")) for n in NODES):
+            return state / "slurm.conf"
+        time.sleep(0.5)
+    raise ClusterError(f"nodes not idle after {timeout_s:.0f}s (sinfo: {_node_states(state) or 'no answer'})\n"
+                       + _log_tails(state))
+
+
+def _kill(pid: int, wait_s: float = 10) -> None:
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except OSError:
+            return
+        time.sleep(0.1)
+    os.kill(pid, signal.SIGKILL)
+
+
+def _drain_jobs(state: Path, wait_s: float = 30) -> None:
+    """Cancel every job so its slurmstepd processes end before their slurmd does."""
+    env = _env(state)
+    subprocess.run(["scancel", f"--partition={PARTITION}"], env=env, capture_output=True, timeout=10)
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        out = subprocess.run(["squeue", "-h", "-o", "%i"], env=env, capture_output=True, text=True, timeout=10)
+        if out.returncode != 0 or not out.stdout.strip():
+            return
+        time.sleep(0.5)
+
+
+def stop(state: Path = DEFAULT_STATE) -> None:
+    """Cancel all jobs, stop every daemon of this cluster, delete the state directory and the hosts line."""
+    if (state / "slurm.conf").is_file() and _pid(state / "slurmctld.pid"):
+        _drain_jobs(state)
+    # slurmd first (it talks to slurmctld on the way out), munged last (everyone authenticates through it).
+    for pidfile in reversed(_pidfiles(state)):
+        pid = _pid(pidfile)
+        if pid:
+            _kill(pid)
+    shutil.rmtree(state, ignore_errors=True)
+    if HOSTS.exists() and os.access(HOSTS, os.W_OK):
+        _remove_hosts()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", choices=["start", "stop", "status", "env"],
+                   help="start (idempotent: leaves a running cluster alone), stop (kills the daemons and "
+                        "deletes the state directory), status (exit 0 if up), env (print the export line)")
+    p.add_argument("--state-dir", type=Path, default=DEFAULT_STATE,
+                   help=f"where slurm.conf, spool, logs and the munge key live (default {DEFAULT_STATE}, "
+                        "or $DDPDIFF_SLURM_STATE)")
+    p.add_argument("--cpus", type=int, default=32,
+                   help="CPUs each node advertises, whatever the host has (default 32, what slurm/train.sh asks for)")
+    p.add_argument("--gpus", type=int, default=2, help="fake GPUs per node, for --gpus-per-node (default 2)")
+    args = p.parse_args(argv)
+    state = args.state_dir.resolve()
+    export = f"export SLURM_CONF={state / 'slurm.conf'}"
+    if args.command == "start":
+        if args.cpus < 1 or args.gpus < 1:
+            p.error("--cpus and --gpus must be at least 1")
+        try:
+            start(state, args.cpus, args.gpus)
+        except ClusterError as e:
+            print(f"slurm_cluster: {e}", file=sys.stderr)
+            return 1
+        print(f"SLURM cluster up: nodes {','.join(NODES)}, partition {PARTITION}. Use it with:\n{export}")
+    elif args.command == "stop":
+        stop(state)
+        print(f"SLURM cluster stopped; removed {state}")
+    elif args.command == "status":
+        up = is_running(state)
+        print("up" if up else "down")
+        return 0 if up else 1
+    else:
+        print(export)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
