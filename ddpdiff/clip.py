@@ -66,7 +66,9 @@ class Encoder:
     """An open_clip model with its tokenizer and preprocessing, returning numpy float32 arrays."""
 
     def __init__(self, model: str = "ViT-B-32", pretrained: str = "openai", device: str = "cpu"):
-        self.model_name, self.pretrained, self.device = model, pretrained, device
+        # A config file is recorded by absolute path so the manifest reloads it from any directory.
+        self.model_name = str(Path(model).resolve()) if model.endswith(".json") else model
+        self.pretrained, self.device = pretrained, device
         name = _resolve_model(model)
         self.model, self.preprocess = _create(name, pretrained, device)
         self.tokenizer = open_clip.get_tokenizer(name)

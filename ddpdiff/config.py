@@ -101,8 +101,37 @@ class SampleConfig:
 
 
 @dataclass
+class SRConfig:
+    scale: Literal[4, 8] = _f(8, "upsampling factor of the SRResNet (64 -> 512 at 8)")
+    channels: int = _f(64, "SRResNet feature width")
+    num_blocks: int = _f(16, "SRResNet residual blocks")
+    hr_patch: int = _f(128, "side of the random high-resolution training patches (a multiple of scale)")
+    eval_images: int = _f(64, "validation images for PSNR against bicubic upsampling")
+
+
+@dataclass
+class ClassifierConfig:
+    width: int = _f(32, "channels of the first stage of the attribute ResNet (doubled per stage)")
+    blocks: list[int] = _f([2, 2, 2, 2], "residual blocks per stage")
+
+
+@dataclass
+class EvalConfig:
+    every_steps: int = _f(0, "evaluate during training every N steps (all ranks share the work); 0 disables it")
+    num: int = _f(64, "generated images per evaluation")
+    metrics: list[str] = _f(["attr_acc", "clip_score"], "any of attr_acc, clip_score, fid")
+    classifier: str = _f("", "attribute classifier run dir or checkpoint (train_classifier), for attr_acc")
+    inception: str = _f("", "local Inception weights file for fid (or env DDPDIFF_INCEPTION_WEIGHTS)")
+    steps: int = _f(50, "sampling steps for evaluation")
+    guidance: float = _f(3.0, "guidance scale for evaluation")
+
+
+@dataclass
 class DistConfig:
     timeout_s: int = _f(600, "a collective that waits longer than this fails the job")
+    fixed_buckets: bool = _f(
+        True, "keep DDP's gradient buckets in one layout for the whole run (find_unused_parameters), so a resumed "
+              "run is bit-identical on more than 2 ranks; false saves one autograd-graph walk per step")
 
 
 @dataclass
@@ -119,6 +148,9 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    sr: SRConfig = field(default_factory=SRConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     run: RunConfig = field(default_factory=RunConfig)
 

@@ -44,8 +44,12 @@ class Task(Protocol):
     def describe(self, model: nn.Module) -> dict[str, Any]:
         """Figures for the first log line (parameter count, FLOPs per image…)."""
 
+    def metadata(self) -> dict[str, Any]:
+        """What a checkpoint must carry to be used without the training data (e.g. which CLIP made it)."""
+
     def evaluate(self, step: int, model: nn.Module, monitor: Monitor) -> None:
-        """Periodic evaluation with the EMA weights; called on every rank at the same step."""
+        """Periodic evaluation with the EMA weights; called on every rank at each step where
+        `sample.every_steps` or `eval.every_steps` comes due (the task checks which)."""
 
 
 class StopRequest:
@@ -159,17 +163,21 @@ def run(cfg: Config, task: Task) -> int:
         raise RuntimeError(f"ranks resumed from different steps (this rank: {step}); is {run_dir} shared?")
     if dist.is_main():
         write_text(run_dir / "config.yaml", config.dump(cfg))
-    train_model = DDP(model, device_ids=[env.device.index] if cuda else None) if env.world_size > 1 else model
+    # DDP re-buckets gradients after its first step unless find_unused_parameters is set; a resumed process
+    # would then sum its first step's gradients in another order than the uninterrupted run did.
+    train_model = (DDP(model, device_ids=[env.device.index] if cuda else None,
+                       find_unused_parameters=cfg.dist.fixed_buckets) if env.world_size > 1 else model)
     if t.compile:
         train_model = torch.compile(train_model)
 
     monitor = Monitor(run_dir, dist.is_main())
+    evaluate_every = (cfg.sample.every_steps, cfg.eval.every_steps)
     info = {"world_size": env.world_size, "ranks_per_node": env.local_world_size, "device": str(env.device),
             "backend": env.backend, "precision": t.precision, **task.describe(model)}
     dist.print0("ddpdiff " + " ".join(f"{k}={v}" for k, v in info.items()))
     dist.print0(f"training to step {total_steps}: {loader.batches_per_epoch} steps per epoch, global batch "
                 f"{t.global_batch} ({per_rank} per rank in micro-batches of {micro}), run dir {run_dir}")
-    if found is None and cfg.sample.every_steps:
+    if found is None and any(e > 0 for e in evaluate_every):
         task.evaluate(0, ema.model, monitor)
     stop = StopRequest()
     last_saved = step if found is not None else -1
@@ -183,7 +191,7 @@ def run(cfg: Config, task: Task) -> int:
             checkpoint.save(run_dir, step, {
                 "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(), "step": step, "epoch": epoch, "batch": index,
-                "samples_seen": samples_seen, "config": config.to_dict(cfg),
+                "samples_seen": samples_seen, "config": config.to_dict(cfg), "meta": task.metadata(),
                 "rng": {"seed": t.seed, "torch": torch.get_rng_state(),
                         "cuda": torch.cuda.get_rng_state_all() if cuda else []},
             }, cfg.checkpoint.keep)
@@ -254,7 +262,7 @@ def run(cfg: Config, task: Task) -> int:
                 monitor.scalars(step, values)
                 stats.clear()
                 tick, tick_step = time.perf_counter(), step
-            if cfg.sample.every_steps and step % cfg.sample.every_steps == 0:
+            if any(e > 0 and step % e == 0 for e in evaluate_every):
                 task.evaluate(step, ema.model, monitor)
             if step % cfg.checkpoint.every_steps == 0 or step == total_steps or stopping:
                 save()

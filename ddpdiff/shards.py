@@ -305,6 +305,7 @@ def write_shards(root, out, *, image_size: int = 64, samples_per_shard: int = 10
         (num_tasks < 1 or not 0 <= task_index < num_tasks,
          f"task_index must be in [0, num_tasks), got {task_index} of {num_tasks}"),
         (workers is not None and workers < 0, f"workers must be >= 0, got {workers}"),
+        (device == "cuda" and not torch.cuda.is_available(), "device cuda was asked for but no GPU is visible"),
         (out.exists() and not out.is_dir(), f"{out} exists and is not a folder")] if bad]
     if problems:
         raise ShardError("; ".join(problems))

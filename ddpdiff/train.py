@@ -16,6 +16,7 @@ from torch import nn
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from . import config, data, dist, loop
+from . import eval as evaluation
 from .config import Config, ConfigError
 from .diffusion import Diffusion
 from .models import build_model, count_params, flops_per_image
@@ -62,6 +63,7 @@ class DiffusionTask:
         self.diffusion = Diffusion(cfg.diffusion)
         self.manifest = data.load_manifest(cfg.data.shards)
         self.val = None
+        self.eval = evaluation.TrainingEval(cfg, self.metadata(), env)
 
     def loader(self, cfg: Config, env: dist.Env) -> data.Loader:
         return data.Loader(cfg.data.shards, split="train", batch_size=cfg.train.global_batch // env.world_size,
@@ -78,7 +80,7 @@ class DiffusionTask:
                             "states: use model.cond=pooled")
         if cfg.sample.steps > cfg.diffusion.timesteps:
             problems.append(f"sample.steps {cfg.sample.steps} exceeds diffusion.timesteps {cfg.diffusion.timesteps}")
-        return problems
+        return problems + evaluation.problems(cfg, self.env.world_size)
 
     def build_model(self, cfg: Config) -> nn.Module:
         model = make_model(cfg, self.manifest)
@@ -89,6 +91,10 @@ class DiffusionTask:
         size = self.manifest["image_size"]
         return {"model": self.cfg.model.name, "params": count_params(model),
                 "gflops_per_image": round(flops_per_image(model, size) / 1e9, 3)}
+
+    def metadata(self) -> dict:
+        return {"clip": self.manifest["clip"], "image_size": self.manifest["image_size"],
+                "empty_prompt": self.manifest["empty_prompt"]}
 
     def loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         device = self.env.device
@@ -106,10 +112,12 @@ class DiffusionTask:
 
     @torch.no_grad()
     def evaluate(self, step: int, model: nn.Module, monitor: Monitor) -> None:
-        """A grid of EMA samples for fixed validation prompts (rank 0; the others go straight on)."""
-        if not dist.is_main():
-            return
+        """Metrics on every rank at `eval.every_steps`; a grid of EMA samples for fixed validation prompts on
+        rank 0 at `sample.every_steps` (the other ranks go straight on)."""
+        self.eval(step, model, monitor)
         s = self.cfg.sample
+        if not dist.is_main() or not s.every_steps or step % s.every_steps:
+            return
         if self.val is None:
             self.val = data.read_samples(self.cfg.data.shards, split="val", n=s.num_prompts,
                                          tokens=True if uses_tokens(self.cfg) else False)

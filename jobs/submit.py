@@ -15,6 +15,8 @@ A preemption that sends SIGTERM saves the same way. Logs go to logs/submitit/.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import re
 import signal
 import subprocess
@@ -36,6 +38,8 @@ class Train(submitit.helpers.Checkpointable):
     def __call__(self, argv: list[str]) -> int:
         job = submitit.JobEnvironment()
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+        # What torchrun sets for its workers: a collective past dist.timeout_s aborts the process, not hangs it.
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
         preempt = signal.Signals["SIG" + job.USR_SIG]
 
         def ignore_preempt_signal() -> None:
@@ -51,10 +55,13 @@ class Train(submitit.helpers.Checkpointable):
 
     def checkpoint(self, argv: list[str]) -> submitit.helpers.DelayedSubmission:
         """Called by submitit on rank 0 at the warning signal: save, then requeue the same call."""
-        if self._proc is not None and self._proc.poll() is None:
+        if self._proc is not None:
             # One rank stopping is enough: the loop makes every rank agree on the step and rank 0 saves.
             self._proc.send_signal(signal.SIGTERM)
-            self._proc.wait()
+            # This runs in a signal handler that interrupted `self._proc.wait()` in __call__, which holds
+            # Popen's lock: a second wait() would deadlock, so reap the child directly.
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(self._proc.pid, 0)
         return submitit.helpers.DelayedSubmission(Train(), argv)
 
 

@@ -145,10 +145,10 @@ def test_task_index_defaults_from_slurm(monkeypatch):
     assert shards.task_from_env() == (4, 3)
 
 
-def test_non_empty_out_is_refused(celeba_root, tmp_path, make_shards, capsys):
+def test_non_empty_out_is_refused(odd_root, tmp_path, make_shards, capsys):
     (tmp_path / "notes.txt").write_text("mine")
-    args = ["--root", str(celeba_root), "--out", str(tmp_path), "--clip-model", "tiny", "--clip-pretrained", "none",
-            "--samples-per-shard", "8", "--workers", "0", "--no-progress"]
+    args = ["--root", str(odd_root), "--out", str(tmp_path), "--clip-model", "tiny", "--clip-pretrained", "none",
+            "--samples-per-shard", "4", "--workers", "0", "--no-progress"]
     assert make_shards.main(args) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "is not empty: pass --resume" in err
@@ -176,11 +176,12 @@ def test_resume_rewrites_a_corrupted_shard_and_refuses_other_flags(celeba_root, 
         shards.write_shards(celeba_root, tmp_path, **TINY | {"image_size": 32}, resume=True)
 
 
-def test_no_tokens(celeba_root, tmp_path):
-    manifest = shards.write_shards(celeba_root, tmp_path, **TINY | {"samples_per_shard": 100}, tokens=False)
+def test_no_tokens(odd_root, tmp_path):
+    manifest = shards.write_shards(odd_root, tmp_path, **TINY, tokens=False)
     assert manifest["clip"]["token_dim"] is None and manifest["empty_prompt"]["tokens"] is None
     with tarfile.open(tmp_path / "test" / "test-000000.tar") as tar:
-        assert not [n for n in tar.getnames() if n.endswith(".clip_tokens.npy")]
+        names = tar.getnames()
+    assert names and not [n for n in names if n.endswith(".clip_tokens.npy")]
 
 
 # ---- odd source images
@@ -265,3 +266,9 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(celeba_root, shards_dir
     assert subprocess.run(cmd + ["--resume"], capture_output=True).returncode == 0
     assert not list(out.rglob(".*.tmp"))
     assert files_of(out) == files_of(shards_dir)
+
+
+def test_bad_flags_are_one_clear_error(celeba_root, tmp_path):
+    with pytest.raises(shards.ShardError, match=r"samples_per_shard must be positive, got 0; task_index must be "
+                                                r"in \[0, num_tasks\), got 2 of 2"):
+        shards.write_shards(celeba_root, tmp_path, **TINY | {"samples_per_shard": 0}, num_tasks=2, task_index=2)

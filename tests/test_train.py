@@ -29,6 +29,32 @@ def _torchrun(nproc, args, **kw):
                             start_new_session=True, **kw)
 
 
+def _descendants(pid):
+    """All processes below pid (torchrun starts its workers in sessions of their own)."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _kill_tree(pid):
+    """SIGKILL a job and every process it started, as a lost node would."""
+    for p in [pid, *_descendants(pid)]:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def _final(run_dir):
     state, _ = checkpoint.load_latest(run_dir)
     return state
@@ -129,7 +155,8 @@ def test_two_rank_ddp_run_completes(shards_dir, tmp_path):
 
 @pytest.mark.slow
 def test_sigkill_at_any_point_then_resume_is_bitwise_identical(shards_dir, tmp_path):
-    steps = ("--train.max_steps", 30, "--checkpoint.every_steps", 4, "--checkpoint.keep", 3)
+    steps = ("--train.max_steps", 24, "--train.global_batch", 16, "--checkpoint.every_steps", 4,
+             "--checkpoint.keep", 3)
     reference = tmp_path / "reference"
     proc = _torchrun(2, _args(shards_dir, reference, *steps))
     out, _ = proc.communicate(timeout=300)
@@ -137,13 +164,13 @@ def test_sigkill_at_any_point_then_resume_is_bitwise_identical(shards_dir, tmp_p
 
     run = tmp_path / "killed"
     proc = _torchrun(2, _args(shards_dir, run, *steps))
-    marker = checkpoint.path_for(run, 8).with_name("step_00000008.pt.sha256")
+    marker = checkpoint.path_for(run, 4).with_name("step_00000004.pt.sha256")
     deadline = time.time() + 240
     while not marker.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
+    _kill_tree(proc.pid)
     proc.communicate()
-    assert not checkpoint.path_for(run, 30).exists(), "the run finished before it could be killed"
+    assert not checkpoint.path_for(run, 24).exists(), "the run finished before it could be killed"
 
     proc = _torchrun(2, _args(shards_dir, run, *steps))
     out, _ = proc.communicate(timeout=300)

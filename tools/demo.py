@@ -53,16 +53,27 @@ def main(argv=None) -> int:
     stage("1. synthetic CelebA", [py, "tools/make_synthetic_celeba.py", "--out", str(celeba), "--num", str(args.num)],
           done=celeba / "list_attr_celeba.txt")
     stage("2. shards with CLIP embeddings (tiny random CLIP: real weights cannot be downloaded here)",
-          [py, "tools/make_shards.py", str(celeba), str(shards), "--clip-model", "tiny", "--clip-pretrained", "none",
-           "--samples-per-shard", "500"], done=shards / "manifest.json")
+          [py, "tools/make_shards.py", "--root", str(celeba), "--out", str(shards), "--clip-model", "tiny",
+           "--clip-pretrained", "none", "--samples-per-shard", "500"], done=shards / "manifest.json")
     stage(f"3. DDP training: torchrun --nproc_per_node={args.nproc} on the CPU",
           [py, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc), "--master_port", "29512",
            "-m", "ddpdiff.train", "--config", "jobs/configs/demo.yaml", "--data.shards", str(shards),
            "--run.dir", str(run), *args.train_args])
+    sr_run, samples = out / "sr", out / "samples"
+    stage(f"4. SRResNet x8 upsampler: torchrun --nproc_per_node={args.nproc} -m ddpdiff.train_sr",
+          [py, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc), "--master_port", "29513",
+           "-m", "ddpdiff.train_sr", "--config", "jobs/configs/sr_demo.yaml", "--data.shards", str(shards),
+           "--run.dir", str(sr_run)])
+    stage("5. samples from the prompts, upsampled 64 -> 512",
+          [py, "-m", "ddpdiff.sample", "--checkpoint", str(run), *[a for p in PROMPTS for a in ("--prompt", p)],
+           "--num", "4", "--steps", "25", "--upsampler", str(sr_run), "--out", str(samples)])
 
     print(f"\ndemo finished in {time.time() - started:.0f} s")
     print(f"  run directory (config, checkpoints): {run}")
-    print(f"  TensorBoard:                        tensorboard --logdir {run / 'tb'}")
+    print(f"  TensorBoard:                        tensorboard --logdir {run / 'tb'} (upsampler: {sr_run / 'tb'})")
+    print(f"  samples, 64x64:                     {samples}/p*_s*.png, one grid per prompt p*_grid.png")
+    print(f"  upsampled 512x512:                  {samples}/p*_s*_512.png, p*_grid_512.png "
+          f"(index: {samples / 'samples.json'})")
     return 0
 
 

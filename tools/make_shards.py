@@ -5,6 +5,9 @@ Writes OUT/{train,val,test}/SPLIT-NNNNNN.tar and OUT/manifest.json (layout: docs
 Restartable (--resume), byte-identical for the same input and flags, and splittable over a SLURM array
 (--num-tasks/--task-index, then --merge OUT). Bad annotation files, a refused OUT or an unloadable CLIP
 model exit with status 2 and one line saying what is wrong.
+
+  make_shards.py --root data/celeba --out data/shards --clip-pretrained /weights/vitb32.bin   # offline ViT-B-32
+  make_shards.py --root /tmp/celeba --out /tmp/shards --clip-model tiny --clip-pretrained none   # tests, demo
 """
 
 import argparse

@@ -13,6 +13,7 @@ the cluster with `export SLURM_CONF=STATE/slurm.conf` (`start` and `env` print t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import signal
@@ -103,8 +104,7 @@ PartitionName={PARTITION} Nodes={nodes} Default=YES MaxTime=INFINITE State=UP
 
 
 def _gres_conf(state: Path, gpus: int) -> str:
-    last = gpus - 1
-    files = f"{state}/dev/fakegpu[0-{last}]" if gpus > 1 else f"{state}/dev/fakegpu0"
+    files = f"{state}/dev/fakegpu[0-{gpus - 1}]" if gpus > 1 else f"{state}/dev/fakegpu0"
     return f"NodeName=n[1-{len(NODES)}] Name=gpu File={files}\n"
 
 
@@ -112,10 +112,9 @@ def _pid(path: Path) -> int | None:
     """The live process whose id is in path, or None."""
     try:
         pid = int(path.read_text().split()[0])
-        os.kill(pid, 0)
-        return pid
     except (OSError, ValueError, IndexError):
         return None
+    return pid if _alive(pid) else None
 
 
 def _pidfiles(state: Path) -> list[Path]:
@@ -216,16 +215,26 @@ def start(state: Path = DEFAULT_STATE, cpus: int = 32, gpus: int = 2, memory_mb:
                        + _log_tails(state))
 
 
-def _kill(pid: int, wait_s: float = 10) -> None:
-    os.kill(pid, signal.SIGTERM)
+def _kill(pids: list[int], wait_s: float = 10) -> None:
+    """SIGTERM all at once (each daemon takes a moment to shut down), SIGKILL whatever outlives wait_s."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):  # it may have ended since its pid file was read
+            os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + wait_s
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except OSError:
-            return
+    while pids and time.monotonic() < deadline:
         time.sleep(0.1)
-    os.kill(pid, signal.SIGKILL)
+        pids = [pid for pid in pids if _alive(pid)]
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except OSError:
+        return False
 
 
 def _drain_jobs(state: Path, wait_s: float = 30) -> None:
@@ -244,11 +253,7 @@ def stop(state: Path = DEFAULT_STATE) -> None:
     """Cancel all jobs, stop every daemon of this cluster, delete the state directory and the hosts line."""
     if (state / "slurm.conf").is_file() and _pid(state / "slurmctld.pid"):
         _drain_jobs(state)
-    # slurmd first (it talks to slurmctld on the way out), munged last (everyone authenticates through it).
-    for pidfile in reversed(_pidfiles(state)):
-        pid = _pid(pidfile)
-        if pid:
-            _kill(pid)
+    _kill([pid for pid in map(_pid, _pidfiles(state)) if pid])
     shutil.rmtree(state, ignore_errors=True)
     if HOSTS.exists() and os.access(HOSTS, os.W_OK):
         _remove_hosts()

@@ -1,4 +1,4 @@
-"""Sample indices to a training batch: one pread per sample, members stacked as numpy, then torch tensors.
+"""Sample indices to a training batch: members sliced from mapped shards, stacked as numpy, then tensors.
 
 A batch passes through one intermediate form, the *numpy batch*: `image` uint8 [B,H,W,3], `clip_text` and
 `clip_image` float16 [B,D], `tokens` float16 [B,L,Dt] zero-padded with `token_len` int [B], `attrs`
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 import json
-import operator
+import mmap
 import os
 from typing import Callable, Sequence
 
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .index import CLIP_IMAGE, CLIP_TEXT, IMAGE, META, PROMPT, TOKENS, SplitIndex, npy_specs
+from .index import CLIP_IMAGE, CLIP_TEXT, IMAGE, PROMPT, TOKENS, SplitIndex, npy_specs
 from .manifest import DataError
 
 FIXED = {"image": IMAGE, "clip_text": CLIP_TEXT, "clip_image": CLIP_IMAGE}  # batch key -> member
@@ -40,78 +40,79 @@ DECODERS: dict[str, Callable[[bytes], object]] = {
 }
 
 
+def decoder(member: str) -> Callable[[bytes], object]:
+    """The decoder of an `extra` member, by the last part of its extension."""
+    ext = member.rpartition(".")[2]
+    if ext not in DECODERS:
+        raise DataError(f"extra: no decoder for {member} (known extensions: {', '.join(DECODERS)})")
+    return DECODERS[ext]
+
+
 class Reader:
     """Reads numpy batches of one split by sample index; forks and pickles into loader workers cheaply."""
 
-    def __init__(self, index: SplitIndex, manifest: dict, extra: tuple[str, ...] = ()):
-        unknown = [e for e in extra if e.rpartition(".")[2] not in DECODERS]
-        if unknown:
-            raise DataError(f"extra: no decoder for {', '.join(unknown)} (known extensions: {', '.join(DECODERS)})")
+    def __init__(self, index: SplitIndex, manifest: dict, extra: dict[str, Callable[[bytes], object]]):
+        """`extra`: decoder of each extra member, see `decoder`."""
         specs = npy_specs(manifest)
         column = {m: c for c, m in enumerate(index.members)}
-        self.index, self.extra = index, extra
+        self.index, self.extra = index, tuple(extra)
         self._fixed = [(key, column[m], np.dtype(specs[m][0]), specs[m][1]) for key, m in FIXED.items()]
         self._tokens = (column[TOKENS], specs[TOKENS][1][1]) if TOKENS in column else None
-        self._meta, self._prompt = column[META], column[PROMPT]
-        self._extra = [(name, column[name], DECODERS[name.rpartition(".")[2]]) for name in extra]
-        self._attrs = operator.itemgetter(*manifest["attributes"])
-        self._files: dict[int, object] = {}
+        self._prompt = column[PROMPT]
+        self._extra = [(name, column[name], decode) for name, decode in extra.items()]
+        self._maps: dict[int, tuple[mmap.mmap, np.ndarray]] = {}
 
     def __len__(self) -> int:
         return len(self.index)
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_files": {}}  # open files stay in their process
+        return {**self.__dict__, "_maps": {}}  # mappings stay in their process
 
     def read(self, indices: Sequence[int]) -> dict:
         """The numpy batch of these samples, in this order."""
         ix = self.index
         idx = np.asarray(indices, np.int64)
-        spans, locs, shards = ix.span[idx].tolist(), ix.loc[idx].tolist(), ix.shard[idx].tolist()
         fixed = [[] for _ in self._fixed]
-        tokens, attrs, prompts, keys = [], [], [], []
+        tokens, prompts, keys = [], [], []
         extras = [[] for _ in self._extra]
-        for i, (start, length), loc, s in zip(idx.tolist(), spans, locs, shards):
-            key = ix.keys[i]
-            buf = os.pread(self._fileno(s), length, start)
-            if len(buf) != length:
-                raise DataError(f"{ix.paths[s]}: sample {key} is truncated (the shard changed after indexing)")
-            row = np.frombuffer(buf, np.uint8)
+        for i, loc, s in zip(idx.tolist(), ix.loc[idx].tolist(), ix.shard[idx].tolist()):
+            raw, array = self._map(s)
             for out, (_, c, _, _) in zip(fixed, self._fixed):
                 o, n = loc[c]
-                out.append(row[o:o + n])
+                out.append(array[o:o + n])
             if self._tokens:
                 (o, n), dim = loc[self._tokens[0]], self._tokens[1]
-                tokens.append(row[o:o + n].view(np.float16).reshape(-1, dim))
-            o, n = loc[self._meta]
-            try:
-                attrs.append(self._attrs(json.loads(buf[o:o + n])["attrs"]))
-            except (ValueError, KeyError, TypeError) as e:
-                raise DataError(f"{ix.paths[s]}: {key}.json: expected {{'attrs': {{40 names: 0/1}}}} ({e!r})") from None
+                tokens.append(array[o:o + n].view(np.float16).reshape(-1, dim))
             o, n = loc[self._prompt]
-            prompts.append(buf[o:o + n].decode())
-            for out, (_, c, decode) in zip(extras, self._extra):
+            prompts.append(raw[o:o + n].decode())
+            for out, (name, c, decode) in zip(extras, self._extra):
                 o, n = loc[c]
-                out.append(decode(buf[o:o + n]))
-            keys.append(key)
+                try:
+                    out.append(decode(raw[o:o + n]))
+                except (OSError, ValueError) as e:
+                    raise DataError(f"{ix.paths[s]}: {ix.keys[i]}.{name}: cannot decode ({e})") from None
+            keys.append(ix.keys[i])
         batch = {key: np.stack(out).view(dtype).reshape(len(idx), *shape)
                  for out, (key, _, dtype, shape) in zip(fixed, self._fixed)}
         if self._tokens:
             batch["tokens"], batch["token_len"] = pad(tokens)
-        batch["attrs"] = np.asarray(attrs, np.float32)
-        bad = ~np.isin(batch["attrs"], (0, 1)).all(axis=1)
-        if bad.any():
-            s = shards[bad.argmax()]
-            raise DataError(f"{ix.paths[s]}: {keys[bad.argmax()]}.json: attrs values must be 0 or 1")
+        batch["attrs"] = ix.attrs[idx].astype(np.float32)
         batch["prompt"], batch["key"] = prompts, keys
         batch.update({name: out for out, (name, _, _) in zip(extras, self._extra)})
         return batch
 
-    def _fileno(self, shard: int) -> int:
-        f = self._files.get(shard)
-        if f is None:
-            f = self._files[shard] = open(self.index.paths[shard], "rb", buffering=0)
-        return f.fileno()
+    def _map(self, shard: int) -> tuple[mmap.mmap, np.ndarray]:
+        """The shard mapped read-only (once per process), as bytes and as a uint8 array."""
+        if shard not in self._maps:
+            path = self.index.paths[shard]
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size != self.index.sizes[shard]:
+                    raise DataError(f"{path}: {size} bytes, but {self.index.sizes[shard]} when indexed "
+                                    "(the shard was rewritten; restart to re-index)")
+                raw = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+            self._maps[shard] = raw, np.frombuffer(raw, np.uint8)
+        return self._maps[shard]
 
 
 def pad(arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -134,20 +135,20 @@ def unbatch(batch: dict) -> list[dict]:
 
 
 def stack(samples: list[dict], lists: tuple[str, ...]) -> dict:
-    """Per-sample dicts back into a numpy batch: arrays stacked, tokens padded, the rest (and `lists`) as lists."""
+    """Per-sample dicts back into a numpy batch: numpy values stacked, tokens padded, others and `lists` listed."""
     batch = {}
     for k in samples[0]:
         values = [s[k] for s in samples]
         if k == "tokens":
             batch["tokens"], batch["token_len"] = pad(values)
-        elif k in lists or not isinstance(values[0], np.ndarray):
+        elif k in lists or not isinstance(values[0], (np.ndarray, np.generic)):
             batch[k] = values
         else:
             try:
                 batch[k] = np.stack(values)
             except ValueError:
                 raise DataError(f"map_sample: {k!r} arrays differ in shape across samples "
-                                f"({sorted({v.shape for v in values})}); return equal shapes or list it in extra") from None
+                                f"({sorted({v.shape for v in values})}); return equal shapes, or a list") from None
     return batch
 
 

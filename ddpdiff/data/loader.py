@@ -4,8 +4,8 @@ Epoch e is one permutation of the split's N samples drawn from `default_rng([see
 N' = floor(N / (world_size * B)) * world_size * B. Global batch g of rank r is
 perm[(g * world_size + r) * B : +B], so the ranks' batches partition the first N' samples of the
 permutation, every rank has N' / (world_size * B) batches, and the split into shards plays no part.
-Loader worker w builds the batches g - start ≡ w (mod workers); the DataLoader takes them round-robin,
-which is the order start, start + 1, ... whatever the number of workers.
+Batch g is a pure function of (seed, epoch, g, rank), so loader workers, which build whole batches from
+a sampler of positions that the DataLoader returns in order, give what one process gives.
 """
 
 from __future__ import annotations
@@ -14,29 +14,30 @@ import os
 from typing import Callable, Iterator
 
 import numpy as np
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from . import index
-from .batch import Reader, stack, to_torch, unbatch
+from .batch import Reader, decoder, stack, to_torch, unbatch
 from .manifest import DataError, load_manifest, use_tokens
 
 MapSample = Callable[[dict, np.random.Generator], dict]
 
 
 def _reader(shards_dir, manifest: dict, split: str, tokens: bool | None, extra) -> Reader:
-    extra = tuple(extra)
-    split_index = index.build(shards_dir, manifest, split, use_tokens(manifest, tokens, shards_dir), extra)
-    return Reader(split_index, manifest, extra)
+    decoders = {name: decoder(name) for name in extra}  # an unknown extension fails before the scan
+    split_index = index.build(shards_dir, manifest, split, use_tokens(manifest, tokens, shards_dir), tuple(decoders))
+    return Reader(split_index, manifest, decoders)
 
 
 class Loader:
-    """This rank's batches of a split, epoch by epoch.
+    """This rank's batches of a split, epoch by epoch; worker processes start on first use and persist.
 
     Args:
         tokens: None includes token states when the shards have them, True requires them, False skips them.
         extra: further members to decode per sample into lists, e.g. ("jpg",) for the full-resolution crop.
         map_sample: fn(sample, rng) -> sample applied to each sample's numpy form (see `batch.unbatch`),
             with rng seeded from (seed, epoch, sample index in the split): the same whatever the workers.
+        pin_memory: page-locked batches, for faster copies to a GPU.
     """
 
     def __init__(self, shards_dir: str | os.PathLike, split: str = "train", *, batch_size: int, rank: int = 0,
@@ -51,46 +52,68 @@ class Loader:
         if problems:
             raise DataError("Loader: " + "; ".join(problems))
         self.manifest = load_manifest(shards_dir)
-        self._reader = _reader(shards_dir, self.manifest, split, tokens, extra)
-        self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
-        self.workers, self.map_sample, self.pin_memory = workers, map_sample, pin_memory
-        self.batches_per_epoch = len(self._reader) // (world_size * batch_size)
+        reader = _reader(shards_dir, self.manifest, split, tokens, extra)
+        self._batches = _Batches(reader, batch_size, rank, world_size, seed, map_sample)
+        self.batches_per_epoch = self._batches.batches_per_epoch
+        self._positions = _Positions()
+        self._workers, self._pin_memory = workers, pin_memory
+        self._loader: DataLoader | None = None
 
     def order(self, epoch: int) -> np.ndarray:
-        """Sample indices of this rank's batches in `epoch`: int64 [batches_per_epoch, batch_size]."""
-        per_batch = self.world_size * self.batch_size
-        perm = np.random.default_rng([self.seed, epoch]).permutation(len(self._reader))
-        return perm[:self.batches_per_epoch * per_batch].reshape(-1, self.world_size, self.batch_size)[:, self.rank]
+        """Sample indices (in the split) of this rank's batches in `epoch`: [batches_per_epoch, batch_size]."""
+        return self._batches.order(epoch)
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[dict]:
-        """Batches start .. batches_per_epoch - 1 of `epoch`, the same on every run."""
-        if not 0 <= start <= self.batches_per_epoch:
-            raise DataError(f"Loader.epoch: start {start} is outside [0, {self.batches_per_epoch}]")
-        if epoch < 0:
-            raise DataError(f"Loader.epoch: epoch must be >= 0, got {epoch}")
-        batches = _Batches(self._reader, self.order(epoch)[start:], self.seed, epoch, self.map_sample)
-        workers = min(self.workers, len(batches.order))
-        if workers == 0:
-            return iter(batches)
-        return iter(DataLoader(batches, batch_size=None, num_workers=workers, pin_memory=self.pin_memory))
+        """Batches start .. batches_per_epoch - 1 of `epoch`, the same on every run; one pass at a time."""
+        if epoch < 0 or not 0 <= start <= self.batches_per_epoch:
+            raise DataError(f"Loader.epoch: epoch {epoch} must be >= 0 and start {start} in "
+                            f"[0, {self.batches_per_epoch}]")
+        if self._workers == 0 or start == self.batches_per_epoch:
+            return (self._batches[epoch, g] for g in range(start, self.batches_per_epoch))
+        self._positions.epoch, self._positions.start, self._positions.stop = epoch, start, self.batches_per_epoch
+        if self._loader is None:
+            self._loader = DataLoader(self._batches, batch_size=None, sampler=self._positions,
+                                      num_workers=self._workers, persistent_workers=True,
+                                      pin_memory=self._pin_memory)
+        return iter(self._loader)
 
 
-class _Batches(IterableDataset):
-    """Builds the batches of one epoch from a position; in worker w of W, only every W-th from the w-th."""
+class _Positions(Sampler):
+    """The (epoch, batch) positions of the current pass, set by `Loader.epoch` before it starts."""
 
-    def __init__(self, reader: Reader, order: np.ndarray, seed: int, epoch: int, map_sample: MapSample | None):
-        self.reader, self.order, self.seed, self.epoch, self.map_sample = reader, order, seed, epoch, map_sample
+    def __init__(self):
+        self.epoch = self.start = self.stop = 0
 
-    def __iter__(self) -> Iterator[dict]:
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        for indices in self.order[worker::workers]:
-            yield self.make(indices)
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return ((self.epoch, g) for g in range(self.start, self.stop))
 
-    def make(self, indices: np.ndarray) -> dict:
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+class _Batches(Dataset):
+    """Batch g of epoch e of one rank, as a pure function of (seed, epoch, g, rank)."""
+
+    def __init__(self, reader: Reader, batch_size: int, rank: int, world_size: int, seed: int,
+                 map_sample: MapSample | None):
+        self.reader, self.batch_size, self.rank, self.world_size = reader, batch_size, rank, world_size
+        self.seed, self.map_sample = seed, map_sample
+        self.batches_per_epoch = len(reader) // (world_size * batch_size)
+        self._order: tuple[int, np.ndarray] | None = None  # the last epoch asked for and its order
+
+    def order(self, epoch: int) -> np.ndarray:
+        if self._order is None or self._order[0] != epoch:
+            perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.reader))
+            used = perm[:self.batches_per_epoch * self.world_size * self.batch_size]
+            self._order = epoch, used.reshape(-1, self.world_size, self.batch_size)[:, self.rank]
+        return self._order[1]
+
+    def __getitem__(self, position: tuple[int, int]) -> dict:
+        epoch, g = position
+        indices = self.order(epoch)[g]
         batch = self.reader.read(indices)
         if self.map_sample is not None:
-            samples = [self.map_sample(s, np.random.default_rng([self.seed, self.epoch, i]))
+            samples = [self.map_sample(s, np.random.default_rng([self.seed, epoch, i]))
                        for s, i in zip(unbatch(batch), indices.tolist())]
             batch = stack(samples, self.reader.extra)
         return to_torch(batch)

@@ -1,0 +1,242 @@
+import io
+import json
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+
+from ddpdiff import shards
+from ddpdiff.data import DataError, Loader, load_manifest, read_samples
+
+# `shards_dir` (conftest) holds 48 images at 8 per shard: 39 train samples in shards of 8, 8, 8, 8 and 7.
+
+
+def _reference(shards_dir, split="train") -> dict:
+    """Every sample of a split decoded by webdataset and numpy, independently of ddpdiff.data."""
+    out = {}
+    for entry in load_manifest(shards_dir)["splits"][split]["shards"]:
+        for s in wds.WebDataset(str(shards_dir / entry["path"]), shardshuffle=False, empty_check=False):
+            out[s["__key__"]] = {k: np.load(io.BytesIO(v), allow_pickle=False) if k.endswith(".npy") else v
+                                 for k, v in s.items()}
+    return out
+
+
+@pytest.fixture(scope="module")
+def train_keys(shards_dir) -> list[str]:
+    return sorted(_reference(shards_dir))
+
+
+@pytest.fixture(scope="module")
+def no_token_shards(celeba_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("shards_no_tokens")
+    shards.write_shards(celeba_root, out, clip_model="tiny", clip_pretrained="none", samples_per_shard=8,
+                        workers=0, clip_batch_size=16, tokens=False, progress=False)
+    return out
+
+
+@pytest.fixture
+def shards_copy(shards_dir, tmp_path):
+    shutil.copytree(shards_dir, tmp_path / "s")
+    return tmp_path / "s"
+
+
+def _keys(loader, epoch, start=0) -> list[list[str]]:
+    return [b["key"] for b in loader.epoch(epoch, start)]
+
+
+def _assert_same(a: list[dict], b: list[dict]):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            assert torch.equal(x[k], y[k]) if torch.is_tensor(x[k]) else x[k] == y[k], k
+
+
+@pytest.mark.parametrize("world_size,batch_size", [(1, 4), (2, 4), (3, 13), (4, 3), (5, 2), (7, 5)])
+def test_epoch_visits_each_sample_once_with_equal_batches_per_rank(shards_dir, train_keys, world_size, batch_size):
+    loaders = [Loader(shards_dir, batch_size=batch_size, rank=r, world_size=world_size, workers=0)
+               for r in range(world_size)]
+    per_rank = [_keys(loader, epoch=3) for loader in loaders]
+    expected_batches = len(train_keys) // (world_size * batch_size)
+    assert {loader.batches_per_epoch for loader in loaders} == {expected_batches}
+    assert all(len(batches) == expected_batches for batches in per_rank)
+    assert all(len(b) == batch_size for batches in per_rank for b in batches)
+    seen = [k for batches in per_rank for b in batches for k in b]
+    assert len(seen) == len(set(seen)) == expected_batches * world_size * batch_size
+    assert set(seen) <= set(train_keys)
+    assert len(train_keys) - len(seen) < world_size * batch_size  # only the remainder is dropped
+
+
+def test_workers_give_the_same_batches_with_more_ranks_times_workers_than_shards(shards_dir, train_keys):
+    world_size = 3  # 3 ranks x 2 workers > 5 shards
+    seen = []
+    for rank in range(world_size):
+        kw = dict(batch_size=1, rank=rank, world_size=world_size, seed=5)
+        with_workers = Loader(shards_dir, workers=2, **kw)
+        batches = list(with_workers.epoch(1))
+        _assert_same(batches, list(Loader(shards_dir, workers=0, **kw).epoch(1)))
+        _assert_same(list(with_workers.epoch(1, start=2)), batches[2:])  # the persistent workers start again
+        seen += [k for b in batches for k in b["key"]]
+    assert sorted(seen) == train_keys  # 39 = 3 ranks x 13 batches of 1: nothing dropped
+
+
+def test_order_depends_only_on_seed_and_epoch(shards_dir):
+    a, b = (Loader(shards_dir, batch_size=4, seed=7, workers=0) for _ in range(2))
+    assert _keys(a, 0) == _keys(b, 0)
+    assert _keys(a, 0) != _keys(a, 1)
+    assert _keys(a, 0) != _keys(Loader(shards_dir, batch_size=4, seed=8, workers=0), 0)
+
+
+@pytest.mark.parametrize("start", [0, 1, 5, 9])
+def test_start_gives_the_tail_of_the_epoch(shards_dir, start):
+    loader = Loader(shards_dir, batch_size=4, workers=0)
+    assert loader.batches_per_epoch == 9
+    _assert_same(list(loader.epoch(2, start=start)), list(loader.epoch(2))[start:])
+
+
+def test_batch_matches_the_shards(shards_dir):
+    ref = _reference(shards_dir)
+    manifest = load_manifest(shards_dir)
+    batch = next(Loader(shards_dir, batch_size=6, workers=0).epoch(0))
+    dim, token_dim = manifest["clip"]["dim"], manifest["clip"]["token_dim"]
+    lengths = [len(ref[k]["clip_tokens.npy"]) for k in batch["key"]]
+    assert batch["image"].shape == (6, 3, 64, 64) and batch["image"].dtype == torch.float32
+    assert batch["image"].min() >= -1 and batch["image"].max() <= 1
+    assert batch["clip_text"].shape == batch["clip_image"].shape == (6, dim)
+    assert batch["tokens"].shape == (6, max(lengths), token_dim) and batch["tokens"].dtype == torch.float32
+    assert batch["token_mask"].dtype == torch.bool and batch["attrs"].shape == (6, 40)
+    assert len(set(lengths)) > 1  # so the padding below is exercised
+    for i, key in enumerate(batch["key"]):
+        r = ref[key]
+        image = torch.from_numpy(r["img.npy"]).permute(2, 0, 1).float() / 127.5 - 1
+        assert torch.allclose(batch["image"][i], image, atol=1e-6)
+        for name in ("clip_text", "clip_image"):
+            assert torch.equal(batch[name][i], torch.from_numpy(r[f"{name}.npy"]).float())
+        n = lengths[i]
+        assert batch["token_mask"][i].tolist() == [True] * n + [False] * (max(lengths) - n)
+        assert torch.equal(batch["tokens"][i, :n], torch.from_numpy(r["clip_tokens.npy"]).float())
+        assert not batch["tokens"][i, n:].any()
+        attrs = json.loads(r["json"])["attrs"]
+        assert batch["attrs"][i].tolist() == [attrs[a] for a in manifest["attributes"]]
+        assert batch["prompt"][i] == r["txt"].decode()
+
+
+def test_manifest_without_token_states_means_no_tokens(shards_copy):
+    path = shards_copy / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["clip"]["token_dim"] = None
+    path.write_text(json.dumps(manifest))
+    batch = next(Loader(shards_copy, batch_size=4, workers=0).epoch(0))
+    assert "tokens" not in batch and "token_mask" not in batch and batch["image"].shape == (4, 3, 64, 64)
+    with pytest.raises(DataError, match=r"manifest\.json: clip\.token_dim is null"):
+        Loader(shards_copy, batch_size=4, tokens=True)
+    with pytest.raises(DataError, match="token_dim is null"):
+        read_samples(shards_copy, tokens=True)
+
+
+@pytest.mark.slow
+def test_shards_written_without_tokens(no_token_shards):
+    batch = next(Loader(no_token_shards, batch_size=4, workers=0).epoch(0))
+    assert "tokens" not in batch and "token_mask" not in batch
+    assert batch["image"].shape == (4, 3, 64, 64)
+    with pytest.raises(DataError, match=r"manifest\.json: clip\.token_dim is null"):
+        Loader(no_token_shards, batch_size=4, tokens=True)
+
+
+def test_tokens_false_skips_them(shards_dir):
+    batch = read_samples(shards_dir, split="train", n=2, tokens=False)
+    assert "tokens" not in batch and "token_mask" not in batch
+
+
+def test_read_samples_is_the_first_n_in_key_order_with_extras(shards_dir):
+    ref = _reference(shards_dir, "val")
+    batch = read_samples(shards_dir, split="val", n=3, extra=("jpg",))
+    assert batch["key"] == sorted(ref)[:3]
+    assert batch["image"].shape[0] == 3 and batch["tokens"].shape[0] == 3
+    jpg = batch["jpg"][0]
+    assert isinstance(batch["jpg"], list) and jpg.dtype == np.uint8 and jpg.ndim == 3 and jpg.shape[2] == 3
+    assert jpg.shape[0] == jpg.shape[1] > 64  # the native-resolution square crop
+    with pytest.raises(DataError, match="n=1000"):
+        read_samples(shards_dir, split="val", n=1000)
+
+
+def _patch(sample: dict, rng: np.random.Generator) -> dict:
+    """A random 16x16 patch of the full-resolution crop, as a super-resolution trainer would cut."""
+    jpg = sample.pop("jpg")
+    y, x = rng.integers(0, jpg.shape[0] - 16, size=2)
+    return {**sample, "patch": np.ascontiguousarray(jpg[y:y + 16, x:x + 16]), "draw": np.float32(rng.random())}
+
+
+def test_map_sample_is_deterministic_per_sample_whatever_the_workers(shards_dir):
+    kw = dict(batch_size=4, extra=("jpg",), map_sample=_patch, seed=3)
+    single = list(Loader(shards_dir, workers=0, **kw).epoch(1))
+    _assert_same(list(Loader(shards_dir, workers=2, **kw).epoch(1)), single)
+    batch = single[0]
+    assert batch["patch"].shape == (4, 16, 16, 3) and batch["patch"].dtype == torch.uint8
+    assert batch["image"].shape == (4, 3, 64, 64) and batch["tokens"].dtype == torch.float32
+    assert "jpg" not in batch and len(set(batch["draw"].tolist())) == 4
+    draws, other_epoch = ({k: d for b in batches for k, d in zip(b["key"], b["draw"].tolist())}
+                          for batches in (single, Loader(shards_dir, workers=0, **kw).epoch(2)))
+    assert all(draws[k] != other_epoch[k] for k in draws.keys() & other_epoch.keys())
+
+
+def test_split_smaller_than_a_global_batch_gives_no_batches(shards_dir):
+    loader = Loader(shards_dir, batch_size=20, world_size=2, workers=0)
+    assert loader.batches_per_epoch == 0 and list(loader.epoch(0)) == []
+
+
+def test_bad_arguments_are_reported_together(shards_dir):
+    with pytest.raises(DataError, match=r"batch_size must be >= 1, got 0; rank must be in \[0, world_size\)"):
+        Loader(shards_dir, batch_size=0, rank=2, world_size=2)
+    loader = Loader(shards_dir, batch_size=4, workers=0)
+    with pytest.raises(DataError, match=r"start 10 in \[0, 9\]"):
+        loader.epoch(0, start=10)
+    with pytest.raises(DataError, match="no split 'dev'"):
+        Loader(shards_dir, split="dev", batch_size=4)
+    with pytest.raises(DataError, match="no decoder for bin"):
+        Loader(shards_dir, batch_size=4, extra=("bin",))
+
+
+def test_missing_or_invalid_manifest(tmp_path):
+    with pytest.raises(DataError, match=rf"{tmp_path}/manifest\.json: not found"):
+        load_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(DataError, match=r"manifest\.json: not readable as JSON"):
+        Loader(tmp_path, batch_size=1)
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "ddpdiff-shards", "image_size": 0}))
+    with pytest.raises(DataError, match=r"manifest\.json: image_size: expected a positive int; attributes"):
+        load_manifest(tmp_path)
+
+
+def test_truncated_shard_names_the_file(shards_copy):
+    tar = shards_copy / "train" / "train-000002.tar"
+    tar.write_bytes(tar.read_bytes()[:20_000])
+    with pytest.raises(DataError, match=r"train-000002\.tar: truncated"):
+        Loader(shards_copy, batch_size=4)
+
+
+def test_count_mismatch_and_wrong_array_shape_name_the_file(shards_copy):
+    path = shards_copy / "manifest.json"
+    manifest = json.loads(path.read_text())
+    good = path.read_text()
+    manifest["splits"]["train"]["shards"][1]["count"] += 1
+    manifest["splits"]["train"]["count"] += 1
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=r"train-000001\.tar: 8 samples, but manifest\.json says 9"):
+        Loader(shards_copy, batch_size=4)
+    path.write_text(good.replace('"image_size": 64', '"image_size": 32'))
+    shape = r"array \|u1 \(64, 64, 3\), expected \|u1 \[32x32x3\]"
+    with pytest.raises(DataError, match=r"train-000000\.tar: 000001\.img\.npy: " + shape):
+        Loader(shards_copy, batch_size=4)
+
+
+@pytest.mark.slow
+def test_bench_runs(shards_dir, python, repo):
+    out = subprocess.run([python, "tools/bench_data.py", "--shards", str(shards_dir), "--batch-size", "4",
+                          "--epochs", "1", "--workers", "0", "2"], cwd=repo, capture_output=True, text=True, check=True)
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert rows[0]["token_dim"] and [r["workers"] for r in rows[1:]] == [0, 2]
+    assert all(r["samples_per_cpu_s"] > 0 for r in rows[1:])

@@ -1,0 +1,166 @@
+"""Text-to-face sampling (`ddpdiff.sample`) from tiny trained checkpoints, with and without the upsampler."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from ddpdiff import checkpoint, clip, sample, train, train_sr
+
+from conftest import CONFIGS
+
+PROMPTS = ["Photo of person eyeglasses, smiling.", "Photo of person blond hair."]
+
+
+@pytest.fixture(scope="module")
+def run(shards_dir, tmp_path_factory):
+    """A 4-step smoke diffusion run (EMA decay 0.9, so EMA and raw weights differ)."""
+    out = tmp_path_factory.mktemp("diffusion")
+    assert train.main(["--config", str(CONFIGS / "smoke.yaml"), "--data.shards", str(shards_dir),
+                       "--run.dir", str(out), "--train.max_steps", "4"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def sr_run(shards_dir, tmp_path_factory):
+    """A 2-step x8 SRResNet run."""
+    out = tmp_path_factory.mktemp("sr")
+    assert train_sr.main(["--config", str(CONFIGS / "sr_smoke.yaml"), "--data.shards", str(shards_dir),
+                          "--run.dir", str(out), "--train.max_steps", "2", "--sample.every_steps", "0"]) == 0
+    return out
+
+
+def _generate(run, **kw):
+    return sample.generate(run, PROMPTS, **{"num": 2, "steps": 3, "progress": False, **kw})
+
+
+def _cli(run, out, *extra):
+    return sample.main(["--checkpoint", str(run), "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--num", "2",
+                        "--steps", "3", "--out", str(out), *map(str, extra)])
+
+
+def _tampered(run, tmp_path, edit):
+    """A copy of the run's checkpoint file with `edit(state)` applied."""
+    state = checkpoint.load(checkpoint.resolve(run))
+    edit(state)
+    path = tmp_path / "edited.pt"
+    torch.save(state, path)
+    return path
+
+
+def test_cli_writes_images_grids_upsampled_512_and_an_index(run, sr_run, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _cli(run, out, "--upsampler", sr_run, "--seed", 7) == 0
+    for p in range(2):
+        for s in range(2):
+            assert Image.open(out / f"p{p:03d}_s{s:03d}.png").size == (64, 64)
+            assert Image.open(out / f"p{p:03d}_s{s:03d}_512.png").size == (512, 512)
+        assert Image.open(out / f"p{p:03d}_grid.png").size == (2 * 66 + 2, 68)
+        assert Image.open(out / f"p{p:03d}_grid_512.png").size == (2 * 514 + 2, 516)
+    index = json.loads((out / "samples.json").read_text())
+    assert index["upsampler"] == str(checkpoint.resolve(sr_run))
+    assert [(f["file"], f["prompt"], f["upsampled"]) for f in index["files"]] == [
+        (f"p{p:03d}_s{s:03d}.png", PROMPTS[p], f"p{p:03d}_s{s:03d}_512.png") for p in range(2) for s in range(2)]
+    for f in index["files"]:
+        assert (f["seed"], f["steps"], f["guidance"], f["sampler"], f["ema"]) == (7, 3, 3.0, "ddim", True)
+        assert f["checkpoint"] == str(checkpoint.resolve(run))
+    assert not list(out.glob(".*"))  # no temporaries left behind
+    assert "4 images for 2 prompts" in capsys.readouterr().out
+
+
+def test_the_same_seed_gives_the_same_files(run, tmp_path):
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        assert sample.main(["--checkpoint", str(run), "--prompt", PROMPTS[0], "--num", "2", "--steps", "2",
+                            "--sampler", "ddpm", "--seed", str(seed), "--out", str(tmp_path / name)]) == 0
+    files = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "b").iterdir())
+    for name in files:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    assert (tmp_path / "a" / "p000_s000.png").read_bytes() != (tmp_path / "c" / "p000_s000.png").read_bytes()
+
+
+def test_images_do_not_depend_on_batch_size_and_are_prompt_major(run):
+    whole = _generate(run, batch_size=4)
+    assert whole.shape == (4, 3, 64, 64) and whole.min() >= -1 and whole.max() <= 1
+    torch.testing.assert_close(_generate(run, batch_size=3), whole, atol=1e-4, rtol=0)
+    second = sample.generate(run, PROMPTS[1:], num=2, steps=3, progress=False)
+    assert not torch.allclose(second, whole[2:])  # prompt 1's noise is seeded by its index, not its position
+    assert not torch.allclose(whole[0], whole[1])
+
+
+def test_guidance_changes_the_images(run):
+    assert (_generate(run, guidance=0.0) - _generate(run, guidance=3.0)).abs().max() > 1e-3
+
+
+def test_ema_weights_by_default_raw_on_request(run, tmp_path):
+    ema, raw = _generate(run), _generate(run, ema=False)
+    assert (ema - raw).abs().max() > 1e-3
+
+    def ema_is_raw(state):
+        state["ema"] = state["model"]
+    torch.testing.assert_close(_generate(_tampered(run, tmp_path, ema_is_raw)), raw)
+
+
+def test_a_checkpoint_whose_clip_differs_is_an_error(run, tmp_path, capsys):
+    def wider(state):
+        state["meta"]["clip"]["dim"] += 1
+    path = _tampered(run, tmp_path, wider)
+    assert _cli(path, tmp_path / "out") == 2
+    err = capsys.readouterr().err.strip()
+    dim = checkpoint.load(checkpoint.resolve(run))["meta"]["clip"]["dim"]
+    assert "CLIP mismatch" in err and f"dim={dim + 1}" in err and f"dim={dim}," in err and "\n" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_clip_weights_can_be_relocated_but_must_be_the_same(run, tmp_path, capsys):
+    same = tmp_path / "same.pt"
+    torch.save(clip.load("tiny", "none").model.state_dict(), same)
+    torch.testing.assert_close(_generate(run, clip_pretrained=str(same)), _generate(run))
+
+    other = tmp_path / "other.pt"
+    torch.save({k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v
+                for k, v in clip.load("tiny", "none").model.state_dict().items()}, other)
+    assert _cli(run, tmp_path / "out", "--clip-pretrained", other) == 2
+    err = capsys.readouterr().err
+    assert "CLIP mismatch" in err and "embeds the empty prompt differently" in err
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--steps", "500"], "--steps 500 is outside 1..100"),
+    (["--sampler", "ddpm", "--eta", "0.5"], "--eta must be >= 0 and applies to the ddim sampler only"),
+    (["--num", "0"], "--num and --batch-size must be >= 1"),
+])
+def test_bad_arguments_exit_2_with_one_line(run, tmp_path, capsys, args, fragment):
+    assert _cli(run, tmp_path / "out", *args) == 2
+    err = capsys.readouterr().err.strip()
+    assert fragment in err and err.count("\n") == 0
+
+
+def test_wrong_kind_of_checkpoint_and_missing_prompts(run, sr_run, tmp_path, capsys):
+    assert _cli(sr_run, tmp_path / "out") == 2
+    assert "not a diffusion checkpoint" in capsys.readouterr().err
+    assert _cli(run, tmp_path / "out", "--upsampler", run) == 2
+    assert "not an SRResNet checkpoint" in capsys.readouterr().err
+    assert sample.main(["--checkpoint", str(run), "--out", str(tmp_path / "out")]) == 2
+    assert "no prompts" in capsys.readouterr().err
+    assert _cli(tmp_path / "nowhere", tmp_path / "out") == 2
+    assert "no such checkpoint file or run directory" in capsys.readouterr().err
+
+
+def test_prompts_file_adds_one_prompt_per_line(run, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"{PROMPTS[0]}\n\n{PROMPTS[1]}\n")
+    assert sample.main(["--checkpoint", str(run), "--prompts-file", str(prompts), "--num", "1", "--steps", "1",
+                        "--out", str(tmp_path / "out")]) == 0
+    assert json.loads((tmp_path / "out" / "samples.json").read_text())["prompts"] == PROMPTS
+
+
+def test_help_explains_the_flags(capsys):
+    with pytest.raises(SystemExit) as exit:
+        sample.main(["--help"])
+    out = capsys.readouterr().out
+    assert exit.value.code == 0
+    for flag in ("--checkpoint", "--prompt", "--prompts-file", "--num", "--sampler", "--steps", "--guidance",
+                 "--seed", "--batch-size", "--device", "--out", "--upsampler", "--clip-pretrained", "--raw"):
+        assert flag in out
