@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator, Protocol
@@ -23,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from . import checkpoint, config, dist
 from .atomic import write_text
 from .config import Config, ConfigError
+from .data import DataError
 from .ema import EMA
 from .monitor import Monitor
 
@@ -50,6 +52,23 @@ class Task(Protocol):
     def evaluate(self, step: int, model: nn.Module, monitor: Monitor) -> None:
         """Periodic evaluation with the EMA weights; called on every rank at each step where
         `sample.every_steps` or `eval.every_steps` comes due (the task checks which)."""
+
+
+def launch(make_task, description: str, prog: str, argv: list[str] | None = None) -> int:
+    """A trainer's entrypoint: parse its config, join the process group, run the loop, always leave the group.
+
+    Config and data problems end the run with status 2 and one line; anything else raises, so torchrun
+    reports it and stops the other ranks instead of leaving them waiting.
+    """
+    cfg, _ = config.parse_args(description, argv, prog=prog)
+    env = dist.init(cfg.dist.timeout_s)
+    try:
+        return run(cfg, make_task(cfg, env))
+    except (ConfigError, DataError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        dist.cleanup()
 
 
 class StopRequest:
@@ -164,9 +183,11 @@ def run(cfg: Config, task: Task) -> int:
     if dist.is_main():
         write_text(run_dir / "config.yaml", config.dump(cfg))
     # DDP re-buckets gradients after its first step unless find_unused_parameters is set; a resumed process
-    # would then sum its first step's gradients in another order than the uninterrupted run did.
+    # would then sum its first step's gradients in another order than the uninterrupted run did. (With two
+    # ranks every sum has two terms, exact in either order, so nothing needs fixing there.)
     train_model = (DDP(model, device_ids=[env.device.index] if cuda else None,
-                       find_unused_parameters=cfg.dist.fixed_buckets) if env.world_size > 1 else model)
+                       find_unused_parameters=cfg.dist.fixed_buckets and env.world_size > 2)
+                   if env.world_size > 1 else model)
     if t.compile:
         train_model = torch.compile(train_model)
 
@@ -239,7 +260,7 @@ def run(cfg: Config, task: Task) -> int:
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
-                ema.update(model)
+                ema.update(model, step)
                 nonfinite_run = 0
             step += 1
             samples_seen += t.global_batch

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from . import config, data, dist, loop
+from . import data, dist, loop
 from . import eval as evaluation
 from .config import Config, ConfigError
 from .diffusion import Diffusion
@@ -134,15 +134,7 @@ class DiffusionTask:
 
 @record
 def main(argv: list[str] | None = None) -> int:
-    cfg, _ = config.parse_args(__doc__, argv, prog="python -m ddpdiff.train")
-    env = dist.init(cfg.dist.timeout_s)
-    try:
-        return loop.run(cfg, DiffusionTask(cfg, env))
-    except (ConfigError, data.DataError) as e:
-        print(f"ddpdiff.train: error: {e}", file=sys.stderr, flush=True)
-        return 2
-    finally:
-        dist.cleanup()
+    return loop.launch(DiffusionTask, __doc__, "python -m ddpdiff.train", argv)
 
 
 if __name__ == "__main__":

@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from . import checkpoint, config, data, dist, loop
+from . import checkpoint, data, dist, loop
 from .celeba import ATTRIBUTES
-from .config import Config, ConfigError
+from .config import Config
 from .models import count_params
 from .models.classifier import AttributeResNet
 from .monitor import Monitor
@@ -131,15 +131,7 @@ class ClassifierTask:
 
 @record
 def main(argv: list[str] | None = None) -> int:
-    cfg, _ = config.parse_args(__doc__, argv, prog="python -m ddpdiff.train_classifier")
-    env = dist.init(cfg.dist.timeout_s)
-    try:
-        return loop.run(cfg, ClassifierTask(cfg, env))
-    except (ConfigError, data.DataError) as e:
-        print(f"ddpdiff.train_classifier: error: {e}", file=sys.stderr, flush=True)
-        return 2
-    finally:
-        dist.cleanup()
+    return loop.launch(ClassifierTask, __doc__, "python -m ddpdiff.train_classifier", argv)
 
 
 if __name__ == "__main__":

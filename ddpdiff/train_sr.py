@@ -22,8 +22,8 @@ from PIL import Image
 from torch import nn
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from . import config, data, dist, loop
-from .config import Config, ConfigError
+from . import data, dist, loop
+from .config import Config
 from .models import SRResNet, count_params
 from .monitor import Monitor
 
@@ -153,15 +153,7 @@ class SRTask:
 
 @record
 def main(argv: list[str] | None = None) -> int:
-    cfg, _ = config.parse_args(__doc__, argv, prog="python -m ddpdiff.train_sr")
-    env = dist.init(cfg.dist.timeout_s)
-    try:
-        return loop.run(cfg, SRTask(cfg, env))
-    except (ConfigError, data.DataError) as e:
-        print(f"ddpdiff.train_sr: error: {e}", file=sys.stderr, flush=True)
-        return 2
-    finally:
-        dist.cleanup()
+    return loop.launch(SRTask, __doc__, "python -m ddpdiff.train_sr", argv)
 
 
 if __name__ == "__main__":

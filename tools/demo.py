@@ -9,6 +9,7 @@ skipped, so an interrupted demo picks up where it stopped.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -39,12 +40,14 @@ def stage(title: str, cmd: list[str], done: Path | None = None) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Any other --section.field value flag goes to ddpdiff.train, e.g. "
+                                       "--train.max_steps=50 for a quick run.")
     p.add_argument("--out", default="demo", help="folder for everything the demo makes")
     p.add_argument("--num", type=int, default=6000, help="synthetic CelebA images")
     p.add_argument("--nproc", type=int, default=2, help="DDP ranks (torchrun --nproc_per_node)")
-    p.add_argument("train_args", nargs="*", help="extra ddpdiff.train overrides, e.g. --train.max_steps=50")
-    args = p.parse_args(argv)
+    p.add_argument("--eval-num", type=int, default=128, help="samples generated to measure attribute accuracy")
+    args, train_args = p.parse_known_args(argv)
     out = Path(args.out).resolve()
     py = sys.executable
     started = time.time()
@@ -58,17 +61,31 @@ def main(argv=None) -> int:
     stage(f"3. DDP training: torchrun --nproc_per_node={args.nproc} on the CPU",
           [py, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc), "--master_port", "29512",
            "-m", "ddpdiff.train", "--config", "jobs/configs/demo.yaml", "--data.shards", str(shards),
-           "--run.dir", str(run), *args.train_args])
+           "--run.dir", str(run), *train_args])
     sr_run, samples = out / "sr", out / "samples"
     stage(f"4. SRResNet x8 upsampler: torchrun --nproc_per_node={args.nproc} -m ddpdiff.train_sr",
           [py, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc), "--master_port", "29513",
            "-m", "ddpdiff.train_sr", "--config", "jobs/configs/sr_demo.yaml", "--data.shards", str(shards),
            "--run.dir", str(sr_run)])
-    stage("5. samples from the prompts, upsampled 64 -> 512",
+    classifier = out / "classifier"
+    stage(f"5. attribute classifier that judges the samples: torchrun --nproc_per_node={args.nproc} "
+          "-m ddpdiff.train_classifier",
+          [py, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc), "--master_port", "29514",
+           "-m", "ddpdiff.train_classifier", "--config", "jobs/configs/classifier_demo.yaml",
+           "--data.shards", str(shards), "--run.dir", str(classifier)])
+    stage("6. samples from the prompts, upsampled 64 -> 512",
           [py, "-m", "ddpdiff.sample", "--checkpoint", str(run), *[a for p in PROMPTS for a in ("--prompt", p)],
            "--num", "4", "--steps", "25", "--upsampler", str(sr_run), "--out", str(samples)])
+    stage("7. does the text condition work? attribute accuracy of samples for val prompts",
+          [py, "-m", "ddpdiff.eval", "--checkpoint", str(run), "--data", str(shards), "--metrics", "attr_acc",
+           "--num", str(args.eval_num), "--steps", "25", "--guidance", "3", "--classifier", str(classifier),
+           "--attributes", "visible"])
+    newest = max((run / "eval").glob("*.json"), key=lambda p: p.stat().st_mtime)
+    report = json.loads(newest.read_text())["attr_acc"]
 
     print(f"\ndemo finished in {time.time() - started:.0f} s")
+    print(f"  attribute accuracy of the samples on the visibly drawn attributes: {report['mean']:.3f} "
+          f"(the classifier on real val images: {report['real_mean']:.3f})")
     print(f"  run directory (config, checkpoints): {run}")
     print(f"  TensorBoard:                        tensorboard --logdir {run / 'tb'} (upsampler: {sr_run / 'tb'})")
     print(f"  samples, 64x64:                     {samples}/p*_s*.png, one grid per prompt p*_grid.png")
