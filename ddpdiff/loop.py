@@ -13,6 +13,7 @@ import math
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Protocol
 
@@ -24,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from . import checkpoint, config, dist
 from .atomic import write_text
 from .config import Config, ConfigError
-from .data import DataError
+from .data import DataError, share
 from .ema import EMA
 from .monitor import Monitor
 
@@ -99,6 +100,12 @@ def lr_at(step: int, total: int, cfg: config.TrainConfig) -> float:
     return cfg.lr
 
 
+def loss_weight(examples: int, world_size: int, global_batch: int) -> float:
+    """Weight of a micro-batch's mean loss such that DDP's average of the ranks' gradients is the gradient of
+    the mean over the global batch, however it is split into ranks (which may differ by one) and micro-batches."""
+    return world_size * examples / global_batch
+
+
 @contextlib.contextmanager
 def ddp_sync(model: nn.Module, sync: bool):
     """Skip DDP's gradient all-reduce on all but the last micro-batch of an accumulated step."""
@@ -123,17 +130,90 @@ def micro_batches(batch: dict, size: int) -> Iterator[dict]:
         yield {k: v[i:i + size] for k, v in batch.items()}
 
 
-def validate(cfg: Config, env: dist.Env, task: Task, loader) -> None:
-    """Every problem with this run, in one error."""
+@dataclass
+class Training:
+    """The model and what updates it, as `setup` builds them; `backward` and `update` make one step."""
+    model: nn.Module  # unwrapped: what checkpoints store
+    ema: EMA
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    autocast_dtype: torch.dtype | None
+    forward: nn.Module  # the module losses are computed through (DDP and/or compiled wrapper of `model`)
+
+
+def setup(cfg: Config, task: Task, env: dist.Env) -> Training:
+    """Model (the same initial weights on every rank and every run), EMA, optimizer, precision."""
+    t, cuda = cfg.train, env.device.type == "cuda"
+    torch.manual_seed(t.seed)
+    model = task.build_model(cfg).to(env.device)
+    if t.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt_cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
+    optimizer = opt_cls(model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
+                        **({"fused": True} if cuda else {"foreach": True}))
+    return Training(model, EMA(model, t.ema_decay), optimizer,
+                    torch.amp.GradScaler(env.device.type, enabled=t.precision == "fp16"),
+                    {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision), model)
+
+
+def wrap(tr: Training, cfg: Config, env: dist.Env) -> None:
+    """DDP across ranks (and torch.compile if asked), once the weights are final (after resume)."""
+    forward = tr.model
+    if env.world_size > 1:
+        # DDP re-buckets gradients after its first step unless find_unused_parameters is set; a resumed
+        # process would then sum its first step's gradients in another order than the uninterrupted run did.
+        # (With two ranks every sum has two terms, exact in either order, so nothing needs fixing there.)
+        forward = DDP(tr.model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
+                      find_unused_parameters=cfg.dist.fixed_buckets and env.world_size > 2)
+    tr.forward = torch.compile(forward) if cfg.train.compile else forward
+
+
+def backward(tr: Training, cfg: Config, env: dist.Env, task: Task, batch: dict, step: int,
+             stats: dict[str, list[torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of one global batch's share on this rank, micro-batch by micro-batch, unscaled and clipped.
+
+    Returns the micro-batches' losses and the gradient norm; adds the task's logging stats into `stats`.
+    """
+    t = cfg.train
+    tr.model.train()
+    parts = list(micro_batches(batch, t.micro_batch or len(batch["key"])))
+    losses = []
+    for m, part in enumerate(parts):
+        seed = step_seed(t.seed, step, env.rank, m)
+        torch.manual_seed(seed)  # dropout and anything else drawing from the global generator
+        gen = torch.Generator(env.device).manual_seed(seed)
+        with ddp_sync(tr.forward, m == len(parts) - 1), \
+                torch.autocast(env.device.type, dtype=tr.autocast_dtype, enabled=tr.autocast_dtype is not None):
+            loss, part_stats = task.loss(tr.forward, part, gen)
+        tr.scaler.scale(loss * loss_weight(len(part["key"]), env.world_size, t.global_batch)).backward()
+        losses.append(loss.detach())
+        for name, (total, count) in part_stats.items():
+            acc = stats.setdefault(name, [torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)])
+            acc[0] += total.detach().double().cpu()
+            acc[1] += count.detach().double().cpu()
+    tr.scaler.unscale_(tr.optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(tr.model.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf)
+    return torch.stack(losses), grad_norm
+
+
+def update(tr: Training, step: int, apply: bool) -> None:
+    """Apply the gradients (and move the EMA), or drop them when any rank saw a non-finite value."""
+    if apply:
+        tr.scaler.step(tr.optimizer)
+    tr.scaler.update()
+    tr.optimizer.zero_grad(set_to_none=True)
+    if apply:
+        tr.ema.update(tr.model, step)
+
+
+def validate(cfg: Config, env: dist.Env, task: Task) -> None:
+    """Every problem with this run's config, in one error, before any data is opened."""
     t = cfg.train
     problems = list(task.validate(cfg))
-    per_rank = t.global_batch // env.world_size
-    if t.global_batch % env.world_size:
-        problems.append(f"train.global_batch {t.global_batch} is not divisible by the world size {env.world_size}")
-    elif t.micro_batch and per_rank % t.micro_batch:
-        problems.append(f"train.micro_batch {t.micro_batch} does not divide the per-rank batch {per_rank}")
-    if loader is not None and loader.batches_per_epoch == 0:
-        problems.append(f"data.shards: the training split is smaller than one global batch of {t.global_batch}")
+    if t.global_batch < env.world_size:
+        problems.append(f"train.global_batch {t.global_batch} is smaller than the world size {env.world_size}")
+    if t.micro_batch < 0:
+        problems.append(f"train.micro_batch must be >= 0, got {t.micro_batch}")
     if t.max_steps < 0 or t.epochs < 1:
         problems.append("train.max_steps must be >= 0 and train.epochs >= 1")
     if cfg.checkpoint.every_steps < 1 or cfg.checkpoint.keep < 1:
@@ -147,25 +227,19 @@ def run(cfg: Config, task: Task) -> int:
     run_dir = Path(cfg.run.dir)
     t = cfg.train
 
-    # Data and config checks (every rank reaches the same verdict, so none is left waiting).
+    # Config and data checks (every rank reaches the same verdict, so none is left waiting).
+    validate(cfg, env, task)
     loader = task.loader(cfg, env)
-    validate(cfg, env, task, loader)
-    per_rank = t.global_batch // env.world_size
+    if loader.batches_per_epoch == 0:
+        raise ConfigError(f"data.shards: the training split is smaller than one global batch of {t.global_batch}")
+    per_rank = share(t.global_batch, env.world_size, env.rank)[1]
     micro = t.micro_batch or per_rank
     total_steps = t.max_steps or t.epochs * loader.batches_per_epoch
 
-    # Model (the same initial weights on every rank and every run), EMA, optimizer, precision.
-    torch.manual_seed(t.seed)
-    model = task.build_model(cfg).to(env.device)
-    if t.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    ema = EMA(model, t.ema_decay)
+    # Model, EMA, optimizer, precision.
+    tr = setup(cfg, task, env)
+    model, ema, optimizer, scaler = tr.model, tr.ema, tr.optimizer, tr.scaler
     cuda = env.device.type == "cuda"
-    opt_cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
-    optimizer = opt_cls(model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
-                        **({"fused": True} if cuda else {"foreach": True}))
-    scaler = torch.amp.GradScaler(env.device.type, enabled=t.precision == "fp16")
-    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision)
 
     # Resume from the newest checkpoint that verifies; every rank must land on the same step.
     step, epoch, index, samples_seen = 0, 0, 0, 0
@@ -182,14 +256,7 @@ def run(cfg: Config, task: Task) -> int:
         raise RuntimeError(f"ranks resumed from different steps (this rank: {step}); is {run_dir} shared?")
     if dist.is_main():
         write_text(run_dir / "config.yaml", config.dump(cfg))
-    # DDP re-buckets gradients after its first step unless find_unused_parameters is set; a resumed process
-    # would then sum its first step's gradients in another order than the uninterrupted run did. (With two
-    # ranks every sum has two terms, exact in either order, so nothing needs fixing there.)
-    train_model = (DDP(model, device_ids=[env.device.index] if cuda else None,
-                       find_unused_parameters=cfg.dist.fixed_buckets and env.world_size > 2)
-                   if env.world_size > 1 else model)
-    if t.compile:
-        train_model = torch.compile(train_model)
+    wrap(tr, cfg, env)
 
     monitor = Monitor(run_dir, dist.is_main())
     evaluate_every = (cfg.sample.every_steps, cfg.eval.every_steps)
@@ -197,7 +264,7 @@ def run(cfg: Config, task: Task) -> int:
             "backend": env.backend, "precision": t.precision, **task.describe(model)}
     dist.print0("ddpdiff " + " ".join(f"{k}={v}" for k, v in info.items()))
     dist.print0(f"training to step {total_steps}: {loader.batches_per_epoch} steps per epoch, global batch "
-                f"{t.global_batch} ({per_rank} per rank in micro-batches of {micro}), run dir {run_dir}")
+                f"{t.global_batch} ({per_rank} on rank 0, in micro-batches of at most {micro}), run dir {run_dir}")
     if found is None and any(e > 0 for e in evaluate_every):
         task.evaluate(0, ema.model, monitor)
     stop = StopRequest()
@@ -223,33 +290,15 @@ def run(cfg: Config, task: Task) -> int:
     try:
         data = batches(loader, epoch, index) if step < total_steps else iter(())
         for epoch_now, i, batch in data:
-            model.train()
             for g in optimizer.param_groups:
                 g["lr"] = lr_at(step, total_steps, t)
-            losses = []
-            parts = list(micro_batches(batch, micro))
-            for m, part in enumerate(parts):
-                seed = step_seed(t.seed, step, env.rank, m)
-                torch.manual_seed(seed)  # dropout and anything else drawing from the global generator
-                gen = torch.Generator(env.device).manual_seed(seed)
-                with ddp_sync(train_model, m == len(parts) - 1), \
-                        torch.autocast(env.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                    loss, part_stats = task.loss(train_model, part, gen)
-                scaler.scale(loss / len(parts)).backward()
-                losses.append(loss.detach())
-                for name, (s, c) in part_stats.items():
-                    acc = stats.setdefault(name, [torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)])
-                    acc[0] += s.detach().double().cpu()
-                    acc[1] += c.detach().double().cpu()
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf)
-            finite = bool(torch.isfinite(torch.stack(losses)).all()) and bool(torch.isfinite(grad_norm))
+            losses, grad_norm = backward(tr, cfg, env, task, batch, step, stats)
+            finite = bool(torch.isfinite(losses).all()) and bool(torch.isfinite(grad_norm))
             bad, stopping = dist.any_rank(not finite, stop.signal is not None)
 
             # Skip a step with a non-finite loss or gradient on any rank; too many in a row ends the run.
+            update(tr, step, apply=not bad)
             if bad:
-                optimizer.zero_grad(set_to_none=True)
-                scaler.update()
                 nonfinite_run += 1
                 nonfinite_total += 1
                 if nonfinite_run > t.max_nonfinite:
@@ -257,10 +306,6 @@ def run(cfg: Config, task: Task) -> int:
                         f"{nonfinite_run} non-finite losses in a row at step {step}; stopping with the last good "
                         f"checkpoint intact (lower train.lr, use bf16, or raise train.max_nonfinite)")
             else:
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                ema.update(model, step)
                 nonfinite_run = 0
             step += 1
             samples_seen += t.global_batch
@@ -269,7 +314,7 @@ def run(cfg: Config, task: Task) -> int:
             # Monitoring, periodic evaluation and checkpoints.
             if step % cfg.log.every_steps == 0 or step == total_steps:
                 elapsed = time.perf_counter() - tick
-                values = {"train/loss": dist.all_mean(torch.stack(losses).mean().float().cpu()).item(),
+                values = {"train/loss": dist.all_mean(losses.mean().float().cpu()).item(),
                           "train/lr": optimizer.param_groups[0]["lr"], "train/grad_norm": float(grad_norm),
                           "train/images_per_s": t.global_batch * (step - tick_step) / max(elapsed, 1e-9),
                           "train/samples_seen": samples_seen, "train/epoch": epoch_now,

@@ -66,7 +66,7 @@ class DiffusionTask:
         self.eval = evaluation.TrainingEval(cfg, self.metadata(), env)
 
     def loader(self, cfg: Config, env: dist.Env) -> data.Loader:
-        return data.Loader(cfg.data.shards, split="train", batch_size=cfg.train.global_batch // env.world_size,
+        return data.Loader(cfg.data.shards, split="train", global_batch=cfg.train.global_batch,
                            rank=env.rank, world_size=env.world_size, seed=cfg.train.seed,
                            workers=cfg.data.workers, tokens=True if uses_tokens(cfg) else False)
 

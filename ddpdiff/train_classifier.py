@@ -72,7 +72,7 @@ class ClassifierTask:
         self.val: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def loader(self, cfg: Config, env: dist.Env) -> data.Loader:
-        return data.Loader(cfg.data.shards, split="train", batch_size=cfg.train.global_batch // env.world_size,
+        return data.Loader(cfg.data.shards, split="train", global_batch=cfg.train.global_batch,
                            rank=env.rank, world_size=env.world_size, seed=cfg.train.seed,
                            workers=cfg.data.workers, tokens=False)
 

@@ -77,7 +77,7 @@ class SRTask:
 
     def loader(self, cfg: Config, env: dist.Env) -> data.Loader:
         pair = functools.partial(random_pair, size=cfg.sr.hr_patch, scale=cfg.sr.scale)
-        return data.Loader(cfg.data.shards, split="train", batch_size=cfg.train.global_batch // env.world_size,
+        return data.Loader(cfg.data.shards, split="train", global_batch=cfg.train.global_batch,
                            rank=env.rank, world_size=env.world_size, seed=cfg.train.seed,
                            workers=cfg.data.workers, tokens=False, extra=("jpg",), map_sample=pair)
 

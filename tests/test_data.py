@@ -189,8 +189,10 @@ def test_split_smaller_than_a_global_batch_gives_no_batches(shards_dir):
 
 
 def test_bad_arguments_are_reported_together(shards_dir):
-    with pytest.raises(DataError, match=r"batch_size must be >= 1, got 0; rank must be in \[0, world_size\)"):
+    with pytest.raises(DataError, match=r"global_batch must be >= world_size \(2\), got 0; rank must be in \[0, "):
         Loader(shards_dir, batch_size=0, rank=2, world_size=2)
+    with pytest.raises(DataError, match="exactly one of batch_size"):
+        Loader(shards_dir, batch_size=2, global_batch=4)
     loader = Loader(shards_dir, batch_size=4, workers=0)
     with pytest.raises(DataError, match=r"start 10 in \[0, 9\]"):
         loader.epoch(0, start=10)
@@ -240,3 +242,18 @@ def test_bench_runs(shards_dir, python, repo):
     rows = [json.loads(line) for line in out.stdout.splitlines()]
     assert rows[0]["token_dim"] and [r["workers"] for r in rows[1:]] == [0, 2]
     assert all(r["samples_per_cpu_s"] > 0 for r in rows[1:])
+
+
+@pytest.mark.parametrize("global_batch, world", [(7, 3), (10, 4), (5, 5)])
+def test_a_global_batch_that_does_not_divide_by_the_world_is_shared_exactly(shards_dir, global_batch, world):
+    from ddpdiff.data import share
+
+    sizes = [share(global_batch, world, r)[1] for r in range(world)]
+    assert sum(sizes) == global_batch and max(sizes) - min(sizes) <= 1
+    loaders = [Loader(shards_dir, global_batch=global_batch, rank=r, world_size=world, workers=0)
+               for r in range(world)]
+    assert len({ld.batches_per_epoch for ld in loaders}) == 1
+    orders = [ld.order(0) for ld in loaders]
+    assert [o.shape[1] for o in orders] == sizes
+    seen = np.concatenate([o.reshape(-1) for o in orders])
+    assert len(seen) == len(set(seen.tolist())) == loaders[0].batches_per_epoch * global_batch

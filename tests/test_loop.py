@@ -23,3 +23,25 @@ def test_micro_batches_split_every_field():
     parts = list(loop.micro_batches(batch, 4))
     assert [p["key"] for p in parts] == [list("abcd"), list("ef")]
     assert parts[1]["image"] == [4, 5]
+
+
+def test_loss_weights_make_the_ddp_average_the_global_batch_mean():
+    import torch
+
+    from ddpdiff.data import share
+
+    torch.manual_seed(0)
+    w = torch.randn(3, requires_grad=True)
+    x, y = torch.randn(10, 3), torch.randn(10)
+    full = torch.autograd.grad(((x @ w - y) ** 2).mean(), w)[0]
+    world, global_batch, rank_grads = 3, 10, []
+    for r in range(world):
+        offset, n = share(global_batch, world, r)
+        xr, yr = x[offset:offset + n], y[offset:offset + n]
+        grad = torch.zeros(3)
+        for part in (slice(0, 2), slice(2, n)):  # micro-batches of unequal size
+            loss = ((xr[part] @ w - yr[part]) ** 2).mean()
+            grad += torch.autograd.grad(loss * loop.loss_weight(len(yr[part]), world, global_batch), w)[0]
+        rank_grads.append(grad)
+    assert [share(10, 3, r) for r in range(3)] == [(0, 4), (4, 3), (7, 3)]
+    torch.testing.assert_close(sum(rank_grads) / world, full)

@@ -21,9 +21,9 @@ def _args(shards, run_dir, *extra):
     return ["--config", SMOKE, "--data.shards", str(shards), "--run.dir", str(run_dir), *map(str, extra)]
 
 
-def _torchrun(nproc, args, **kw):
+def _torchrun(nproc, args, launcher=(), **kw):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_port", str(29500 + os.getpid() % 1000), "-m", "ddpdiff.train", *args]
+           "--master_port", str(29500 + os.getpid() % 1000), *launcher, "-m", "ddpdiff.train", *args]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, **kw)
@@ -134,10 +134,10 @@ def test_config_problems_are_reported_together_before_training(shards_dir, tmp_p
     err = capsys.readouterr().err
     assert code == 2
     assert "sample.steps 500 exceeds" in err and "train.global_batch 7" not in err  # 7 divides world 1
-    code = train.main(_args(shards_dir, tmp_path / "r", "--train.global_batch", 6, "--train.micro_batch", 4,
+    code = train.main(_args(shards_dir, tmp_path / "r", "--train.global_batch", 6, "--train.micro_batch", -1,
                             "--sample.steps", 500))
     err = capsys.readouterr().err
-    assert code == 2 and "micro_batch 4" in err and "sample.steps 500" in err
+    assert code == 2 and "train.micro_batch must be >= 0" in err and "sample.steps 500" in err
     assert err.strip().count("\n") == 0
     assert not (tmp_path / "r").exists()
 
@@ -151,6 +151,16 @@ def test_two_rank_ddp_run_completes(shards_dir, tmp_path):
     assert "world_size=2" in out and "backend=gloo" in out
     assert out.count("ddpdiff world_size") == 1  # only rank 0 logs
     assert _final(run)["step"] == 6
+
+
+@pytest.mark.slow
+def test_a_global_batch_that_does_not_divide_by_the_ranks_trains(shards_dir, tmp_path):
+    run = tmp_path / "three"
+    proc = _torchrun(3, _args(shards_dir, run, "--train.max_steps", 3))  # global batch 8 = 3 + 3 + 2
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert "world_size=3" in out and "global batch 8 (3 on rank 0" in out
+    assert _final(run)["step"] == 3
 
 
 @pytest.mark.slow
@@ -218,3 +228,67 @@ def test_a_rank_that_raises_takes_the_job_down(shards_dir, tmp_path):
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode != 0
     assert "NotADirectoryError" in out or "FileExistsError" in out, out
+
+
+def test_token_model_refuses_shards_without_token_states(celeba_root, tmp_path, capsys):
+    from ddpdiff import shards
+
+    pooled = tmp_path / "pooled"
+    shards.write_shards(celeba_root, pooled, clip_model="tiny", clip_pretrained="none", samples_per_shard=8,
+                        workers=0, tokens=False, progress=False)
+    assert train.main(_args(pooled, tmp_path / "run", "--model.cond", "both")) == 2
+    err = capsys.readouterr().err
+    assert "needs per-token text states" in err and "model.cond=pooled" in err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert train.main(_args(pooled, tmp_path / "run", "--model.cond", "pooled", "--train.max_steps", 1)) == 0
+
+
+@pytest.mark.slow
+def test_torchrun_max_restarts_resumes_after_a_killed_rank(shards_dir, tmp_path):
+    run = tmp_path / "run"
+    proc = _torchrun(2, _args(shards_dir, run, "--train.max_steps", 24, "--train.global_batch", 16,
+                              "--checkpoint.every_steps", 4), launcher=("--max-restarts", "1"))
+    marker = checkpoint.path_for(run, 4).with_name("step_00000004.pt.sha256")
+    deadline = time.time() + 240
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    worker = _descendants(proc.pid)[-1]  # a training rank, not the agent
+    os.kill(worker, signal.SIGKILL)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert "resumed from" in out
+    assert _final(run)["step"] == 24
+
+
+@pytest.mark.slow
+def test_a_rank_stuck_in_a_collective_fails_the_job_within_the_timeout(shards_dir, tmp_path):
+    proc = _torchrun(2, _args(shards_dir, tmp_path / "run", "--train.max_steps", 100000, "--log.every_steps", 1,
+                              "--checkpoint.every_steps", 100000, "--dist.timeout_s", 5))
+    for line in proc.stdout:
+        if line.startswith("step 2 "):
+            break
+    workers = [p for p in _descendants(proc.pid) if p != proc.pid]
+    os.kill(workers[-1], signal.SIGSTOP)  # alive but silent: the other rank waits in its next all-reduce
+    started = time.time()
+    try:
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        _kill_tree(proc.pid)
+    assert proc.returncode != 0
+    assert time.time() - started < 90
+    assert "timed out" in out.lower() or "timeout" in out.lower(), out[-3000:]
+
+
+def test_non_finite_losses_are_skipped_then_stop_the_run_with_finite_checkpoints(shards_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    with pytest.raises(FloatingPointError, match="non-finite losses in a row"):
+        train.main(_args(shards_dir, run, "--train.lr", "1e30", "--train.grad_clip", 0, "--train.max_nonfinite", 2,
+                         "--train.max_steps", 40, "--checkpoint.every_steps", 1, "--checkpoint.keep", 40,
+                         "--log.every_steps", 1))
+    out = capsys.readouterr().out
+    assert "nonfinite_steps=1" in out and "nonfinite_steps=2" in out  # skipped and counted before stopping
+    saved = checkpoint.candidates(run)
+    assert saved, "the steps before the divergence were checkpointed"
+    for path in saved:
+        state = torch.load(path, weights_only=True)
+        assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point()), path

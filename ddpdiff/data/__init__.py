@@ -5,7 +5,7 @@ mid-epoch); `read_samples` gives the first samples of a split as one batch; `loa
 checks `manifest.json`. Errors are `DataError`, with a one-line message naming the file or field.
 """
 
-from .loader import Loader, read_samples
+from .loader import Loader, read_samples, share
 from .manifest import DataError, load_manifest
 
-__all__ = ["DataError", "Loader", "load_manifest", "read_samples"]
+__all__ = ["DataError", "Loader", "load_manifest", "read_samples", "share"]

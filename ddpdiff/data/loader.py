@@ -1,9 +1,10 @@
 """Epochs over the training shards: exact-once, equal batches on every rank, seeded order, start mid-epoch.
 
 Epoch e is one permutation of the split's N samples drawn from `default_rng([seed, epoch])`, cut to
-N' = floor(N / (world_size * B)) * world_size * B. Global batch g of rank r is
-perm[(g * world_size + r) * B : +B], so the ranks' batches partition the first N' samples of the
-permutation, every rank has N' / (world_size * B) batches, and the split into shards plays no part.
+N' = floor(N / G) * G for a global batch of G. Global batch g is perm[g * G : (g + 1) * G], and rank r
+takes its `share` of it (G need not divide by the world size: the first G % world_size ranks take one
+more), so the ranks' batches partition the first N' samples of the permutation, every rank has N' / G
+batches, and the split into shards plays no part.
 Batch g is a pure function of (seed, epoch, g, rank), so loader workers, which build whole batches from
 a sampler of positions that the DataLoader returns in order, give what one process gives.
 """
@@ -23,6 +24,12 @@ from .manifest import DataError, load_manifest, use_tokens
 MapSample = Callable[[dict, np.random.Generator], dict]
 
 
+def share(global_batch: int, world_size: int, rank: int) -> tuple[int, int]:
+    """(offset, size) of rank's part of a global batch; the first global_batch % world_size ranks take one more."""
+    base, extra = divmod(global_batch, world_size)
+    return rank * base + min(rank, extra), base + (rank < extra)
+
+
 def _reader(shards_dir, manifest: dict, split: str, tokens: bool | None, extra) -> Reader:
     decoders = {name: decoder(name) for name in extra}  # an unknown extension fails before the scan
     split_index = index.build(shards_dir, manifest, split, use_tokens(manifest, tokens, shards_dir), tuple(decoders))
@@ -33,6 +40,8 @@ class Loader:
     """This rank's batches of a split, epoch by epoch; worker processes start on first use and persist.
 
     Args:
+        batch_size / global_batch: give one: this rank's batch (the same on every rank), or the global batch
+            split over the ranks by `share`.
         tokens: None includes token states when the shards have them, True requires them, False skips them.
         extra: further members to decode per sample into lists, e.g. ("jpg",) for the full-resolution crop.
         map_sample: fn(sample, rng) -> sample applied to each sample's numpy form (see `batch.unbatch`),
@@ -40,11 +49,15 @@ class Loader:
         pin_memory: page-locked batches, for faster copies to a GPU.
     """
 
-    def __init__(self, shards_dir: str | os.PathLike, split: str = "train", *, batch_size: int, rank: int = 0,
-                 world_size: int = 1, seed: int = 0, workers: int = 2, tokens: bool | None = None,
-                 extra: tuple[str, ...] = (), map_sample: MapSample | None = None, pin_memory: bool = False):
+    def __init__(self, shards_dir: str | os.PathLike, split: str = "train", *, batch_size: int | None = None,
+                 global_batch: int | None = None, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 workers: int = 2, tokens: bool | None = None, extra: tuple[str, ...] = (),
+                 map_sample: MapSample | None = None, pin_memory: bool = False):
+        if (batch_size is None) == (global_batch is None):
+            raise DataError("Loader: give exactly one of batch_size (per rank) and global_batch")
+        global_batch = global_batch if batch_size is None else batch_size * world_size
         problems = [f"{name} must be {rule}, got {value}" for name, value, ok, rule in (
-            ("batch_size", batch_size, batch_size >= 1, ">= 1"),
+            ("global_batch", global_batch, global_batch >= world_size, f">= world_size ({world_size})"),
             ("world_size", world_size, world_size >= 1, ">= 1"),
             ("rank", rank, 0 <= rank < world_size, "in [0, world_size)"),
             ("seed", seed, seed >= 0, ">= 0"),
@@ -53,7 +66,7 @@ class Loader:
             raise DataError("Loader: " + "; ".join(problems))
         self.manifest = load_manifest(shards_dir)
         reader = _reader(shards_dir, self.manifest, split, tokens, extra)
-        self._batches = _Batches(reader, batch_size, rank, world_size, seed, map_sample)
+        self._batches = _Batches(reader, global_batch, rank, world_size, seed, map_sample)
         self.batches_per_epoch = self._batches.batches_per_epoch
         self._positions = _Positions()
         self._workers, self._pin_memory = workers, pin_memory
@@ -94,18 +107,19 @@ class _Positions(Sampler):
 class _Batches(Dataset):
     """Batch g of epoch e of one rank, as a pure function of (seed, epoch, g, rank)."""
 
-    def __init__(self, reader: Reader, batch_size: int, rank: int, world_size: int, seed: int,
+    def __init__(self, reader: Reader, global_batch: int, rank: int, world_size: int, seed: int,
                  map_sample: MapSample | None):
-        self.reader, self.batch_size, self.rank, self.world_size = reader, batch_size, rank, world_size
+        self.reader, self.global_batch = reader, global_batch
+        self.offset, self.size = share(global_batch, world_size, rank)
         self.seed, self.map_sample = seed, map_sample
-        self.batches_per_epoch = len(reader) // (world_size * batch_size)
+        self.batches_per_epoch = len(reader) // global_batch
         self._order: tuple[int, np.ndarray] | None = None  # the last epoch asked for and its order
 
     def order(self, epoch: int) -> np.ndarray:
         if self._order is None or self._order[0] != epoch:
             perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.reader))
-            used = perm[:self.batches_per_epoch * self.world_size * self.batch_size]
-            self._order = epoch, used.reshape(-1, self.world_size, self.batch_size)[:, self.rank]
+            used = perm[:self.batches_per_epoch * self.global_batch].reshape(-1, self.global_batch)
+            self._order = epoch, used[:, self.offset:self.offset + self.size]
         return self._order[1]
 
     def __getitem__(self, position: tuple[int, int]) -> dict:

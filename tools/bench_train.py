@@ -1,0 +1,256 @@
+"""Training throughput of a config on one device: images/s, step time, peak memory and model FLOPs utilisation.
+
+  python tools/bench_train.py --config jobs/configs/celeba64.yaml [--data.shards DIR | --synthetic] \
+      --steps 20 --warmup 5 [--batch N] [--compile] [--grad-checkpointing off|on|both] [--peak-tflops X] \
+      [--json OUT] [--section.field value ...]
+
+Each step is the training loop's (ddpdiff/loop.py): the batch from the loader, `DiffusionTask.loss` under the
+config's autocast, backward, gradient clipping, the optimizer step (fused Adam on a GPU), the EMA update;
+precision, channels_last and torch.compile come from the config (`--compile` sets train.compile). One
+process, the GPU when there is one. `--synthetic` replaces the shards by one random batch of the config's
+sizes (image 64, CLIP dim 512, token states 512 x `--tokens` 36, all valid: ViT-B-32's widths and the mean
+CelebA prompt length), so it times the model and optimizer only; otherwise batches come from the real
+`Loader` over `data.shards`, and their time is included.
+
+The first `--warmup` steps are not timed (compilation, autotuning, allocator growth). Each timed step is
+wall clock between device synchronisations; images/s = batch / median step time. MFU = achieved model
+FLOPs/s / peak, where model FLOPs per image = 3 x forward FLOPs (torch.utils.flop_counter, a multiply-add
+counts 2, `--tokens` text tokens; backward counted as twice the forward) -- the recomputation of gradient
+checkpointing is not counted, so it shows as lower MFU. Peak: `--peak-tflops`, by default 989 (H100 SXM
+dense bf16/fp16) on CUDA with bf16 or fp16; otherwise MFU is null unless the flag is given. Memory is
+torch.cuda.max_memory_allocated over the timed steps on a GPU, the process's max RSS on the CPU (a
+high-water mark over the whole process: with `--grad-checkpointing both` the checkpointed variant runs
+first, so each figure is its own). Prints progress to stderr and one JSON object to stdout (and `--json`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ddpdiff import celeba, config, dist, loop  # noqa: E402
+from ddpdiff.config import Config, ConfigError  # noqa: E402
+from ddpdiff.data import DataError  # noqa: E402
+from ddpdiff.models import count_params, flops_per_image  # noqa: E402
+from ddpdiff.train import DiffusionTask  # noqa: E402
+
+H100_BF16_DENSE_TFLOPS = 989.0
+
+
+class SyntheticLoader:
+    """One random batch of a shard set's sizes, given again at every step (a `Loader` for `loop.batches`)."""
+
+    def __init__(self, batch: int, image_size: int, dim: int, token_dim: int | None, tokens: int, steps: int):
+        g = torch.Generator().manual_seed(0)
+        self.batch = {"key": [f"{i:06d}" for i in range(batch)],
+                      "image": torch.rand(batch, 3, image_size, image_size, generator=g) * 2 - 1,
+                      "clip_text": torch.nn.functional.normalize(torch.randn(batch, dim, generator=g), dim=-1),
+                      "clip_image": torch.nn.functional.normalize(torch.randn(batch, dim, generator=g), dim=-1)}
+        if token_dim:
+            self.batch["tokens"] = torch.randn(batch, tokens, token_dim, generator=g)
+            self.batch["token_mask"] = torch.ones(batch, tokens, dtype=torch.bool)
+        self.batches_per_epoch = steps
+
+    def epoch(self, epoch: int, start: int = 0):
+        return (self.batch for _ in range(start, self.batches_per_epoch))
+
+
+class SyntheticTask(DiffusionTask):
+    """`DiffusionTask` (model, loss, checks) over `SyntheticLoader` batches."""
+
+    def __init__(self, cfg: Config, env: dist.Env, args: argparse.Namespace):
+        super().__init__(cfg, env)
+        self.args = args
+
+    def loader(self, cfg: Config, env: dist.Env) -> SyntheticLoader:
+        a, clip = self.args, self.manifest["clip"]
+        return SyntheticLoader(cfg.train.global_batch, self.manifest["image_size"], clip["dim"], clip["token_dim"],
+                               a.tokens, a.warmup + a.steps)
+
+
+def synthetic_manifest(out: Path, args: argparse.Namespace) -> Path:
+    """A shard directory's manifest.json with these sizes and no shards, so `DiffusionTask` reads it as usual."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "manifest.json").write_text(json.dumps({
+        "format": "ddpdiff-shards", "image_size": args.image_size, "attributes": list(celeba.ATTRIBUTES),
+        "clip": {"model": "synthetic", "dim": args.dim, "token_dim": args.token_dim or None},
+        "empty_prompt": {"clip_text": [0.0] * args.dim,
+                         "tokens": [[0.0] * args.token_dim] * 2 if args.token_dim else None},  # <sot>, <eot>
+        "splits": {}}))
+    return out
+
+
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo, else what `platform` knows."""
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.exists() else []
+    return next((line.partition(":")[2].strip() for line in lines if line.startswith("model name")),
+                platform.machine())
+
+
+def max_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def measure(cfg: Config, env: dist.Env, task: DiffusionTask, loader, steps: int, warmup: int) -> dict:
+    """Median step time and peak memory of `steps` training steps after `warmup` untimed ones."""
+    t, device = cfg.train, env.device
+    cuda = device.type == "cuda"
+    tr = loop.setup(cfg, task, env)
+    loop.wrap(tr, cfg, env)
+
+    # The steps: the loop's own backward and update for one rank (no DDP, no logging, no checkpoints).
+    times, nonfinite, stats = [], 0, {}
+    data = loop.batches(loader, 0, 0)
+    for step in range(warmup + steps):
+        if step == warmup and cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        _, _, batch = next(data)
+        losses, grad_norm = loop.backward(tr, cfg, env, task, batch, step, stats)
+        finite = bool(torch.isfinite(losses).all()) and bool(torch.isfinite(grad_norm))
+        loop.update(tr, step, apply=finite)
+        nonfinite += not finite
+        if cuda:
+            torch.cuda.synchronize()
+        if step >= warmup:
+            times.append(time.perf_counter() - start)
+
+    median = statistics.median(times)
+    result = {"grad_checkpointing": t.grad_checkpointing, "step_s_median": median,
+              "step_s_min": min(times), "step_s_max": max(times), "images_per_s": t.global_batch / median,
+              "nonfinite_steps": nonfinite}
+    if cuda:
+        result["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    else:
+        result["max_rss_gib"] = max_rss_gib()
+    del tr, batch, data
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML file from jobs/configs/")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    parser.add_argument("--batch", type=int, help="images per step (default: the config's train.global_batch)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (sets train.compile)")
+    parser.add_argument("--grad-checkpointing", choices=["off", "on", "both"],
+                        help="default: the config's train.grad_checkpointing; both measures each and the difference")
+    parser.add_argument("--peak-tflops", type=float,
+                        help=f"device peak for MFU (default on CUDA with bf16/fp16: {H100_BF16_DENSE_TFLOPS}, H100 "
+                             "SXM dense; elsewhere MFU is null without it)")
+    parser.add_argument("--synthetic", action="store_true", help="random batches instead of data.shards")
+    parser.add_argument("--image-size", type=int, default=64, help="with --synthetic")
+    parser.add_argument("--dim", type=int, default=512, help="CLIP embedding width, with --synthetic (ViT-B-32: 512)")
+    parser.add_argument("--token-dim", type=int, default=512,
+                        help="CLIP text-state width, with --synthetic (ViT-B-32: 512; 0 for none)")
+    parser.add_argument("--tokens", type=int, default=36,
+                        help="prompt length for the FLOP count and the synthetic token states (mean CelebA "
+                             "prompt under ViT-B-32's tokenizer: 36)")
+    parser.add_argument("--json", type=Path, help="also write the JSON result here")
+    args, rest = parser.parse_known_args(argv)
+    try:
+        cfg = config.load(args.config, rest)
+    except ConfigError as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
+    if args.steps < 1 or args.warmup < 0:
+        parser.exit(2, f"{parser.prog}: error: --steps must be >= 1 and --warmup >= 0\n")
+    t = cfg.train
+    t.global_batch = args.batch or t.global_batch
+    t.compile = t.compile or args.compile
+    cfg.eval.every_steps = cfg.sample.every_steps = 0  # nothing here evaluates
+    variants = {"off": [False], "on": [True], "both": [True, False], None: [t.grad_checkpointing]}
+    variants = variants[args.grad_checkpointing]
+
+    env = dist.init(cfg.dist.timeout_s)
+    try:
+        if env.world_size > 1:
+            raise ConfigError("run tools/bench_train.py as one process (it measures one device)")
+        with tempfile.TemporaryDirectory() as tmp:
+            if args.synthetic:
+                cfg.data.shards = str(synthetic_manifest(Path(tmp) / "shards", args))
+                task = SyntheticTask(cfg, env, args)
+            else:
+                task = DiffusionTask(cfg, env)
+            loop.validate(cfg, env, task)
+            loader = task.loader(cfg, env)
+            if loader.batches_per_epoch == 0:
+                raise ConfigError(f"data.shards: the training split is smaller than one batch of {t.global_batch}")
+            model = task.build_model(cfg)
+            params = count_params(model)
+            flops = flops_per_image(model, task.manifest["image_size"], args.tokens)
+            del model
+            peak = args.peak_tflops
+            if peak is None and env.device.type == "cuda" and t.precision in ("bf16", "fp16"):
+                peak = H100_BF16_DENSE_TFLOPS
+            report = {
+                "config": args.config, "data": "synthetic" if args.synthetic else cfg.data.shards,
+                "device": torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else
+                f"cpu ({cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)",
+                "torch": torch.__version__, "model": cfg.model.name, "params": params,
+                "image_size": task.manifest["image_size"], "tokens": args.tokens,
+                "gflops_forward_per_image": flops / 1e9, "batch": t.global_batch, "micro_batch": t.micro_batch or
+                t.global_batch, "precision": t.precision, "channels_last": t.channels_last, "compile": t.compile,
+                "steps": args.steps, "warmup": args.warmup, "peak_tflops": peak, "results": []}
+            dist.print0(f"bench_train: {report['device']}, {cfg.model.name} {params / 1e6:.2f}M params, "
+                        f"{flops / 1e9:.3f} forward GFLOPs/image, batch {t.global_batch}, {t.precision}", file=sys.stderr)
+            for checkpointing in variants:
+                t.grad_checkpointing = checkpointing
+                try:
+                    r = measure(cfg, env, task, loader, args.steps, args.warmup)
+                except torch.cuda.OutOfMemoryError:
+                    gc.collect()
+                    torch.cuda.empty_cache()
+                    r = {"grad_checkpointing": checkpointing, "oom": True}
+                    dist.print0(f"  grad_checkpointing={checkpointing}: out of memory", file=sys.stderr)
+                else:
+                    r["tflops"] = 3 * flops * r["images_per_s"] / 1e12
+                    r["mfu"] = r["tflops"] / peak if peak else None
+                    memory = (f"peak {r['peak_mem_gib']:.2f} GiB" if "peak_mem_gib" in r else
+                              f"max RSS {r['max_rss_gib']:.2f} GiB")
+                    mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+                    dist.print0(f"  grad_checkpointing={checkpointing}: {r['images_per_s']:.1f} images/s, step "
+                                f"{1e3 * r['step_s_median']:.1f} ms (median), {r['tflops']:.3f} TFLOP/s, MFU {mfu}, "
+                                f"{memory}", file=sys.stderr)
+                report["results"].append(r)
+        report["results"].sort(key=lambda r: r["grad_checkpointing"])
+        if len(report["results"]) == 2 and not any(r.get("oom") for r in report["results"]):
+            off, on = report["results"]
+            mem = "peak_mem_gib" if "peak_mem_gib" in off else "max_rss_gib"
+            report["checkpointing"] = {"memory_saving": 1 - on[mem] / off[mem],
+                                       "time_cost": on["step_s_median"] / off["step_s_median"] - 1}
+            dist.print0(f"  grad checkpointing saves {100 * report['checkpointing']['memory_saving']:.1f}% of "
+                        f"{mem} and costs {100 * report['checkpointing']['time_cost']:+.1f}% step time", file=sys.stderr)
+    except (ConfigError, DataError) as e:
+        print(f"bench_train: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        dist.cleanup()
+    text = json.dumps(report, indent=1)
+    print(text)
+    if args.json:
+        args.json.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
