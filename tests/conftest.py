@@ -19,6 +19,43 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "jobs" / "configs"
 
 
+def load_tool(name: str):
+    """A script in tools/ imported as a module (tools/ is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def overfit_losses(model, cond: dict, size: int, lr: float, steps: int) -> list[float]:
+    """Diffusion losses while fitting one fixed batch (same t and noise every step), for the overfit tests."""
+    import torch.nn.functional as F
+
+    from ddpdiff.config import DiffusionConfig
+    from ddpdiff.diffusion import Diffusion
+
+    x0 = F.interpolate(torch.rand(4, 3, 4, 4, generator=torch.Generator().manual_seed(0)) * 2 - 1, size=size,
+                       mode="bilinear")
+    diff = Diffusion(DiffusionConfig(timesteps=100))
+    drop = torch.tensor([True, False, False, False])
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = diff.loss(lambda x_t, t: model(x_t, t, cond, drop), x0, generator=torch.Generator().manual_seed(0))[0]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.fixture(scope="session")
+def make_shards():
+    return load_tool("make_shards")
+
+
 @pytest.fixture(scope="session")
 def repo() -> Path:
     return REPO

@@ -1,6 +1,5 @@
 """The prompt rule and the validation of CelebA annotation files (one-line errors, exit status 2)."""
 
-import importlib.util
 import shutil
 
 import pytest
@@ -8,14 +7,6 @@ import pytest
 from ddpdiff import celeba
 
 ATTR, PART, IDENT = celeba.ATTR_FILE, celeba.PARTITION_FILE, celeba.IDENTITY_FILE
-
-
-@pytest.fixture(scope="module")
-def make_shards(repo):
-    spec = importlib.util.spec_from_file_location("make_shards", repo / "tools" / "make_shards.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_prompt_lists_positive_attributes_in_celeba_order():

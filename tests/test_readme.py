@@ -1,14 +1,10 @@
 import re
 
-from conftest import REPO
+from conftest import REPO, load_tool
 
 
 def test_config_reference_in_readme_matches_the_code():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("config_reference", REPO / "tools" / "config_reference.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("config_reference")
     text = (REPO / "README.md").read_text()
     assert tool.render(text) == text, "README's config reference is stale: run tools/config_reference.py"
 

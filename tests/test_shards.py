@@ -1,7 +1,6 @@
 """ddpdiff.shards and tools/make_shards.py: layout, manifest, odd images, refusal, resume, tasks, determinism."""
 
 import hashlib
-import importlib.util
 import io
 import json
 import signal
@@ -25,14 +24,6 @@ def files_of(out):
     """Every file under `out` (shards, manifest) with its bytes, except the per-task progress files."""
     return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*"))
             if p.is_file() and p.parent.name != shards.TASK_DIR}
-
-
-@pytest.fixture(scope="module")
-def make_shards(repo):
-    spec = importlib.util.spec_from_file_location("make_shards", repo / "tools" / "make_shards.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

@@ -2,13 +2,13 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from ddpdiff.config import DiffusionConfig, ModelConfig
-from ddpdiff.diffusion import Diffusion
+from ddpdiff.config import ModelConfig
 from ddpdiff.models import MODELS, build_model, count_params, flop_counts, flops_per_image
 from ddpdiff.models.layers import timestep_embedding
 from ddpdiff.models.unet import UNet
+
+from conftest import overfit_losses
 
 SIZE, D, DT, L0 = 16, 10, 12, 3
 
@@ -177,16 +177,5 @@ def test_overfits_one_batch():
     """The diffusion loss on one fixed batch (same t and noise every step) must fall tenfold."""
     model = tiny()
     _, _, cond = inputs()
-    x0 = F.interpolate(torch.rand(4, 3, 4, 4, generator=torch.Generator().manual_seed(0)) * 2 - 1, size=SIZE,
-                       mode="bilinear")
-    diff = Diffusion(DiffusionConfig(timesteps=100))
-    drop = torch.tensor([True, False, False, False])
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(20):
-        loss = diff.loss(lambda x_t, t: model(x_t, t, cond, drop), x0, generator=torch.Generator().manual_seed(0))[0]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = overfit_losses(model, cond, SIZE, lr=3e-3, steps=20)
     assert losses[-1] < losses[0] / 10

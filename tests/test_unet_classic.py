@@ -1,11 +1,11 @@
 import pytest
 import torch
-import torch.nn.functional as F
 
-from ddpdiff.config import DiffusionConfig, ModelConfig
-from ddpdiff.diffusion import Diffusion
+from ddpdiff.config import ModelConfig
 from ddpdiff.models import build_model, flops_per_image
 from ddpdiff.models.unet_classic import UNetClassic
+
+from conftest import overfit_losses
 
 SIZE, D = 16, 10
 
@@ -106,16 +106,5 @@ def test_overfits_one_batch():
     """The diffusion loss on one fixed batch (same t and noise every step) must fall tenfold."""
     model = tiny(channels=16)
     _, _, cond = inputs()
-    x0 = F.interpolate(torch.rand(4, 3, 4, 4, generator=torch.Generator().manual_seed(0)) * 2 - 1, size=SIZE,
-                       mode="bilinear")
-    diff = Diffusion(DiffusionConfig(timesteps=100))
-    drop = torch.tensor([True, False, False, False])
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    losses = []
-    for _ in range(100):
-        loss = diff.loss(lambda x_t, t: model(x_t, t, cond, drop), x0, generator=torch.Generator().manual_seed(0))[0]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = overfit_losses(model, cond, SIZE, lr=1e-3, steps=100)
     assert losses[-1] < losses[0] / 10
