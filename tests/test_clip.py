@@ -64,6 +64,24 @@ def test_token_states_are_ln_final_outputs_the_pooled_embedding_projects(tiny):
         np.testing.assert_allclose(projected / np.linalg.norm(projected), emb, atol=1e-5)
 
 
+def test_tiny_token_states_identify_their_word_whatever_comes_before(tiny):
+    """A late word's state must still say which word it is, as a trained CLIP's does: otherwise the demo
+    measures how badly random attention scrambles the prompt, not whether the denoiser follows it.
+
+    Without the text tower's small LayerScale (ls_init_value in tiny.json) each state is mostly the average
+    of the words before it, and this fails.
+    """
+    prefixes = ["", "arched eyebrows, big nose, black hair, eyeglasses, ", "bags under eyes, bald, blurry, chubby, "
+                "double chin, goatee, heavy makeup, male, narrow eyes, oval face, pale skin, "]
+    words = ["smiling", "mustache", "young", "bangs"]
+    states = {(w, p): tiny.encode_tokens([f"Photo of person {p}{w}."])[0][-3] for w in words for p in prefixes}
+    for (word, prefix), state in states.items():
+        nearest = max((other for other in states if other[1] != prefix),
+                      key=lambda other: float(np.dot(state, states[other])
+                                              / np.linalg.norm(state) / np.linalg.norm(states[other])))
+        assert nearest[0] == word, f"{word!r} after {prefix!r} is nearest to {nearest[0]!r}"
+
+
 def test_batching_does_not_change_results(tiny):
     together = tiny.encode_tokens(PROMPTS)
     alone = [tiny.encode_tokens([p])[0] for p in PROMPTS]
