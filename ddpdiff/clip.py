@@ -2,6 +2,11 @@
 
 Shards, sampling and evaluation all encode through `load(...)`, so the same model name and weights give
 the same numbers everywhere (up to the float16 the shards store).
+
+`clip_configs/tiny.json` is the stand-in for tests and the offline demo, always used with random weights.
+Its text tower starts its residual branches small (`ls_init_value`: open_clip's LayerScale). Otherwise
+random attention would overwrite each word's state with the average of the words before it, and a
+denoiser could not tell late attributes apart (docs/benchmarks.md, Demo).
 """
 
 from __future__ import annotations
