@@ -206,6 +206,16 @@ def update(tr: Training, step: int, apply: bool) -> None:
         tr.ema.update(tr.model, step)
 
 
+def checked_loader(cfg: Config, env: dist.Env, task: Task) -> Any:
+    """The task's training loader, after `validate`; a split smaller than one global batch is an error."""
+    validate(cfg, env, task)
+    loader = task.loader(cfg, env)
+    if loader.batches_per_epoch == 0:
+        raise ConfigError(f"data.shards: the training split is smaller than one global batch of "
+                          f"{cfg.train.global_batch}")
+    return loader
+
+
 def validate(cfg: Config, env: dist.Env, task: Task) -> None:
     """Every problem with this run's config, in one error, before any data is opened."""
     t = cfg.train
@@ -228,10 +238,7 @@ def run(cfg: Config, task: Task) -> int:
     t = cfg.train
 
     # Config and data checks (every rank reaches the same verdict, so none is left waiting).
-    validate(cfg, env, task)
-    loader = task.loader(cfg, env)
-    if loader.batches_per_epoch == 0:
-        raise ConfigError(f"data.shards: the training split is smaller than one global batch of {t.global_batch}")
+    loader = checked_loader(cfg, env, task)
     per_rank = share(t.global_batch, env.world_size, env.rank)[1]
     micro = t.micro_batch or per_rank
     total_steps = t.max_steps or t.epochs * loader.batches_per_epoch

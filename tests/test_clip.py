@@ -71,14 +71,15 @@ def test_tiny_token_states_identify_their_word_whatever_comes_before(tiny):
     Without the text tower's small LayerScale (ls_init_value in tiny.json) each state is mostly the average
     of the words before it, and this fails.
     """
-    prefixes = ["", "arched eyebrows, big nose, black hair, eyeglasses, ", "bags under eyes, bald, blurry, chubby, "
-                "double chin, goatee, heavy makeup, male, narrow eyes, oval face, pale skin, "]
+    prefixes = ["", "arched eyebrows, big nose, black hair, eyeglasses, ",
+                ("bags under eyes, bald, blurry, chubby, double chin, goatee, heavy makeup, male, narrow eyes, "
+                 "oval face, pale skin, ")]
     words = ["smiling", "mustache", "young", "bangs"]
-    states = {(w, p): tiny.encode_tokens([f"Photo of person {p}{w}."])[0][-3] for w in words for p in prefixes}
-    for (word, prefix), state in states.items():
-        nearest = max((other for other in states if other[1] != prefix),
-                      key=lambda other: float(np.dot(state, states[other])
-                                              / np.linalg.norm(state) / np.linalg.norm(states[other])))
+    pairs = [(w, p) for w in words for p in prefixes]
+    encoded = tiny.encode_tokens([f"Photo of person {p}{w}." for w, p in pairs])
+    unit = {pair: s[-3] / np.linalg.norm(s[-3]) for pair, s in zip(pairs, encoded)}  # the word, before "." <eot>
+    for (word, prefix), state in unit.items():
+        nearest = max((other for other in unit if other[1] != prefix), key=lambda other: float(state @ unit[other]))
         assert nearest[0] == word, f"{word!r} after {prefix!r} is nearest to {nearest[0]!r}"
 
 

@@ -191,10 +191,7 @@ def main(argv: list[str] | None = None) -> int:
                 task = SyntheticTask(cfg, env, args)
             else:
                 task = DiffusionTask(cfg, env)
-            loop.validate(cfg, env, task)
-            loader = task.loader(cfg, env)
-            if loader.batches_per_epoch == 0:
-                raise ConfigError(f"data.shards: the training split is smaller than one batch of {t.global_batch}")
+            loader = loop.checked_loader(cfg, env, task)
             model = task.build_model(cfg)
             params = count_params(model)
             flops = flops_per_image(model, task.manifest["image_size"], args.tokens)
