@@ -10,6 +10,8 @@ from typing import Mapping
 import numpy as np
 import pandas as pd
 
+from .errors import UsageError
+
 ATTRIBUTES = (
     "5_o_Clock_Shadow Arched_Eyebrows Attractive Bags_Under_Eyes Bald Bangs Big_Lips Big_Nose Black_Hair "
     "Blond_Hair Blurry Brown_Hair Bushy_Eyebrows Chubby Double_Chin Eyeglasses Goatee Gray_Hair Heavy_Makeup "
@@ -30,7 +32,7 @@ def prompt(attrs: Mapping[str, int]) -> str:
     return "Photo of person " + ", ".join(words) + "." if words else "Photo of person."
 
 
-class AnnotationError(ValueError):
+class AnnotationError(UsageError):
     """A malformed annotation file; the message is one line naming the file, the line and the problem."""
 
 

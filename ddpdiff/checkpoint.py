@@ -1,4 +1,5 @@
-"""Checkpoints of a run: save (atomic, checksummed), find the newest that verifies, load, prune.
+"""Checkpoints of a run: save (atomic, checksummed), find the newest that verifies, load, prune, and read one
+for inference with its typed metadata.
 
 `RUN/checkpoints/step_XXXXXXXX.pt` is a plain dict readable with `torch.load(path, weights_only=True)`;
 `step_XXXXXXXX.pt.sha256` beside it is written after it, so a checkpoint counts only once both exist and
@@ -16,9 +17,15 @@ from typing import Any
 
 import torch
 
-from .atomic import atomic_write, write_text
+from .atomic import atomic_write, sha256_file, write_text
+from .errors import UsageError
+from .models import meta as model_meta
 
 _NAME = re.compile(r"^step_(\d{8})\.pt$")
+
+
+class CheckpointError(UsageError):
+    """A checkpoint path that names nothing usable; the message is one line naming it."""
 
 
 def path_for(run_dir: str | Path, step: int) -> Path:
@@ -51,12 +58,7 @@ def verify(path: Path) -> str | None:
     digest_file = path.with_name(path.name + ".sha256")
     if not digest_file.is_file():
         return "no checksum file (the save did not finish)"
-    expected = digest_file.read_text().strip()
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    if h.hexdigest() != expected:
+    if sha256_file(path) != digest_file.read_text().strip():
         return "checksum mismatch (truncated or corrupt)"
     return None
 
@@ -91,10 +93,21 @@ def resolve(path: str | Path) -> Path:
         for p in candidates(path):
             if verify(p) is None:
                 return p
-        raise FileNotFoundError(f"{path}: no complete checkpoint under {path / 'checkpoints'}")
+        raise CheckpointError(f"{path}: no complete checkpoint under {path / 'checkpoints'}")
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint file or run directory")
+        raise CheckpointError(f"{path}: no such checkpoint file or run directory")
     return path
+
+
+def read(path: str | Path, kind: type) -> tuple[dict[str, Any], Any, Path]:
+    """A checkpoint file (or a run directory's newest complete one) for inference: its state, its meta as
+    `kind` (`ddpdiff.models.DenoiserMeta`, `SRMeta`, `ClassifierMeta`), and the file."""
+    path = resolve(path)
+    try:
+        state = load(path)
+    except Exception as e:  # not a torch file, or one that needs unpickling arbitrary objects
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
+    return state, model_meta.read(state.get("meta"), kind, str(path)), path
 
 
 def prune(run_dir: str | Path, keep: int) -> None:

@@ -20,14 +20,19 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .errors import UsageError
+
 CONFIG_DIR = Path(__file__).resolve().parent / "clip_configs"
 RANDOM_WEIGHTS_SEED = 0  # `--clip-pretrained none` always builds the same weights
+# Cosine similarity below which an encoder's embedding of "" is not the one a checkpoint stored: float16
+# storage and device differences stay far above it, other weights far below.
+SAME_WEIGHTS = 0.999
 TOKEN_LAYER = "ln_final"  # token states are the text tower's last hidden states after its final layer norm
 
 open_clip.add_model_config(CONFIG_DIR)
 
 
-class ClipError(ValueError):
+class ClipError(UsageError):
     """A model or weights that cannot be loaded; the message is one line that says what to pass instead."""
 
 
@@ -127,3 +132,35 @@ class Encoder:
 def load(model: str = "ViT-B-32", pretrained: str = "openai", device: str = "cpu") -> Encoder:
     """An encoder for `model` (open_clip name, 'tiny', or config .json) with `pretrained` (tag, file, 'none')."""
     return Encoder(model, pretrained, device)
+
+
+def mismatch(want: dict, want_empty: dict, got: dict, got_empty: dict) -> str | None:
+    """Why embeddings made by the encoder `got` ("clip" entry, empty prompt's embeddings) are not those of
+    `want`: other widths, token layer or model, or other weights (the empty prompt embedded differently)."""
+    fields = [k for k in ("model", "dim", "token_dim", "token_layer", "text_layers") if k in want and k in got]
+    if any(got[k] != want[k] for k in fields):
+        return f"trained with {_fmt(want, fields)}, but {got['model']} {got.get('pretrained')!r} is {_fmt(got, fields)}"
+    a, b = (np.asarray(e["clip_text"], np.float32) for e in (want_empty, got_empty))
+    cosine = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+    if cosine < SAME_WEIGHTS:
+        return (f"trained with {want['model']} weights {want.get('pretrained')!r}, but {got.get('pretrained')!r} "
+                f"embeds the empty prompt differently (cosine {cosine:.3f})")
+    return None
+
+
+def load_matching(info: dict, empty_prompt: dict, device: str = "cpu", pretrained: str | None = None,
+                  where: str = "checkpoint") -> Encoder:
+    """The encoder that made a checkpoint's embeddings, `info` being its "clip" entry and `empty_prompt` its
+    stored embeddings of ""; `pretrained` relocates the weights (a local file on an offline node).
+
+    Raises ClipError when the encoder differs from the one recorded (`mismatch`).
+    """
+    enc = load(info["model"], pretrained or info["pretrained"], device)
+    problem = mismatch(info, empty_prompt, enc.info(), {"clip_text": enc.encode_texts([""])[0]})
+    if problem:
+        raise ClipError(f"CLIP mismatch: {where} was {problem}: pass the same weights with --clip-pretrained")
+    return enc
+
+
+def _fmt(info: dict, fields: list[str]) -> str:
+    return "{" + ", ".join(f"{k}={info[k]}" for k in fields) + "}"

@@ -1,4 +1,9 @@
-"""Typed run configuration: dataclass defaults < YAML file < `--section.field value` flags."""
+"""Typed run configuration: dataclass defaults < YAML file < `--section.field value` flags.
+
+`TrainerConfig` holds what the training loop reads (data, train, checkpoint, log, dist, run); each trainer's
+root adds its own sections: `Config` (the diffusion model), `SRTrainerConfig`, `ClassifierTrainerConfig`.
+A trainer's `--help`, saved config and checkpoints hold its root's keys only.
+"""
 
 from __future__ import annotations
 
@@ -13,8 +18,10 @@ from typing import Any, Literal
 
 import yaml
 
+from .errors import UsageError
 
-class ConfigError(ValueError):
+
+class ConfigError(UsageError):
     """A bad config key or value; the message is one line that names the key."""
 
 
@@ -28,9 +35,13 @@ def _f(default: Any, help: str) -> Any:
 @dataclass
 class DataConfig:
     shards: str = _f("data/shards", "shard directory written by tools/make_shards.py (holds manifest.json)")
+    workers: int = _f(2, "data loader worker processes per rank")
+
+
+@dataclass
+class DiffusionDataConfig(DataConfig):
     condition: Literal["text", "image", "mix"] = _f(
         "text", "CLIP embedding the model is conditioned on; mix picks text or image per example")
-    workers: int = _f(2, "data loader worker processes per rank")
 
 
 @dataclass
@@ -70,13 +81,17 @@ class TrainConfig:
     lr_schedule: Literal["constant", "cosine"] = _f("constant", "learning rate after warm-up")
     grad_clip: float = _f(1.0, "clip the global gradient norm to this; 0 disables clipping")
     ema_decay: float = _f(0.999, "EMA decay of the weights used for sampling")
-    cond_drop: float = _f(0.1, "probability of replacing the condition by the null embedding (for guidance)")
     precision: Literal["fp32", "bf16", "fp16"] = _f("fp32", "autocast precision; fp16 uses a GradScaler")
     grad_checkpointing: bool = _f(False, "recompute block activations in backward to save memory")
     channels_last: bool = _f(False, "use channels_last memory format (faster convs on GPU)")
     compile: bool = _f(False, "torch.compile the model")
     max_nonfinite: int = _f(10, "stop after this many non-finite losses in a row")
     seed: int = _f(0, "global seed; each rank derives its own")
+
+
+@dataclass
+class DiffusionTrainConfig(TrainConfig):
+    cond_drop: float = _f(0.1, "probability of replacing the condition by the null embedding (for guidance)")
 
 
 @dataclass
@@ -106,6 +121,7 @@ class SRConfig:
     channels: int = _f(64, "SRResNet feature width")
     num_blocks: int = _f(16, "SRResNet residual blocks")
     hr_patch: int = _f(128, "side of the random high-resolution training patches (a multiple of scale)")
+    eval_every_steps: int = _f(1000, "score the EMA weights by PSNR every N steps; 0 disables it")
     eval_images: int = _f(64, "validation images for PSNR against bicubic upsampling")
 
 
@@ -113,6 +129,7 @@ class SRConfig:
 class ClassifierConfig:
     width: int = _f(32, "channels of the first stage of the attribute ResNet (doubled per stage)")
     blocks: list[int] = _f([2, 2, 2, 2], "residual blocks per stage")
+    eval_every_steps: int = _f(1000, "score the EMA weights on the whole val split every N steps; 0 disables it")
 
 
 @dataclass
@@ -140,19 +157,37 @@ class RunConfig:
 
 
 @dataclass
-class Config:
+class TrainerConfig:
+    """What every trainer shares: the training loop's sections."""
     data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
-    sample: SampleConfig = field(default_factory=SampleConfig)
-    sr: SRConfig = field(default_factory=SRConfig)
-    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+
+@dataclass
+class Config(TrainerConfig):
+    """The text-conditioned diffusion trainer (`python -m ddpdiff.train`)."""
+    data: DiffusionDataConfig = field(default_factory=DiffusionDataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: DiffusionTrainConfig = field(default_factory=DiffusionTrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+@dataclass
+class SRTrainerConfig(TrainerConfig):
+    """The SRResNet upsampler trainer (`python -m ddpdiff.train_sr`)."""
+    sr: SRConfig = field(default_factory=SRConfig)
+
+
+@dataclass
+class ClassifierTrainerConfig(TrainerConfig):
+    """The attribute classifier trainer (`python -m ddpdiff.train_classifier`)."""
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
 
 
 def _check(key: str, value: Any, tp: Any) -> Any:
@@ -219,7 +254,7 @@ def update(cfg: Any, values: dict[str, Any], prefix: str = "") -> None:
             setattr(cfg, key, _check(full, value, hints[key]))
 
 
-def set_key(cfg: Config, dotted: str, raw: str) -> None:
+def set_key(cfg: TrainerConfig, dotted: str, raw: str) -> None:
     """Set `section.field` from a command-line string (parsed as YAML, so 1e-3, true, [1,2] work)."""
     parts = dotted.split(".")
     try:
@@ -234,9 +269,10 @@ def set_key(cfg: Config, dotted: str, raw: str) -> None:
     update(cfg, nested)
 
 
-def load(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Build a Config from defaults, an optional YAML file and `--a.b value` / `--a.b=value` overrides."""
-    cfg = Config()
+def load(path: str | Path | None = None, overrides: list[str] | None = None,
+         root: type[TrainerConfig] = Config) -> Any:
+    """Build a `root` config from defaults, an optional YAML file and `--a.b value` / `--a.b=value` overrides."""
+    cfg = root()
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -275,25 +311,45 @@ def _pairs(args: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
-def to_dict(cfg: Config) -> dict[str, Any]:
+def to_dict(cfg: TrainerConfig) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def from_dict(values: dict[str, Any]) -> Config:
-    cfg = Config()
-    update(cfg, values)
+def from_dict(values: dict[str, Any], root: type[TrainerConfig] = Config) -> Any:
+    """A `root` config from a saved one (a checkpoint's). What checkpoints of the former all-trainers config
+    hold and `root` lacks is dropped: whole sections of other trainers, and keys that moved to a subclass."""
+    cfg = root()
+    kept = {}
+    for name, section in values.items():
+        if not hasattr(cfg, name):
+            if name in _FORMER_SECTIONS:
+                continue
+        elif isinstance(section, dict):
+            own = getattr(cfg, name)
+            section = {k: v for k, v in section.items() if hasattr(own, k) or k not in _MOVED_KEYS}
+        kept[name] = section
+    update(cfg, kept)
     return cfg
 
 
-def dump(cfg: Config) -> str:
+# What the former single config had for every trainer: other trainers' sections, and keys now in subclasses.
+_FORMER_SECTIONS = ("model", "diffusion", "sample", "sr", "classifier", "eval")
+_MOVED_KEYS = ("condition", "cond_drop")
+
+
+def dump(cfg: TrainerConfig) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-def reference(cfg: Config | None = None) -> str:
-    """Every config key with its type, default and help line: the body of `--help` and the README table."""
-    cfg = cfg or Config()
+def reference(root: type[TrainerConfig] = Config, own: bool = False) -> str:
+    """Every config key of a trainer with its type, default and help line: its `--help` and the README tables.
+    With `own`, only the sections the trainer adds to `TrainerConfig`."""
+    cfg = root()
+    shared = {f.name for f in dataclasses.fields(TrainerConfig)} if own else set()
     lines = []
     for section in dataclasses.fields(cfg):
+        if section.name in shared:
+            continue
         sub = getattr(cfg, section.name)
         hints = _section_types(type(sub))
         for f in dataclasses.fields(sub):
@@ -311,21 +367,21 @@ def reference(cfg: Config | None = None) -> str:
 
 def parse_args(description: str, argv: list[str] | None = None, prog: str | None = None,
                extra: typing.Callable[[argparse.ArgumentParser], None] | None = None,
-               ) -> tuple[Config, argparse.Namespace]:
-    """Command-line front end shared by the training entrypoints.
+               root: type[TrainerConfig] = Config) -> tuple[Any, argparse.Namespace]:
+    """Command-line front end shared by the training entrypoints: `root`'s keys, `--config`, `--dry-run`.
 
     Exits with status 2 and a one-line message on any bad key or value.
     """
     parser = argparse.ArgumentParser(
         prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="config keys (override any with --section.field value; later flags win):\n" + reference())
+        epilog="config keys (override any with --section.field value; later flags win):\n" + reference(root))
     parser.add_argument("--config", help="YAML file from jobs/configs/ (defaults apply to keys it omits)")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     if extra is not None:
         extra(parser)
     args, rest = parser.parse_known_args(argv)
     try:
-        cfg = load(args.config, rest)
+        cfg = load(args.config, rest, root)
     except ConfigError as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
     if args.dry_run:

@@ -75,6 +75,11 @@ def init(timeout_s: int = 600) -> Env:
     return _env
 
 
+def default_device(device: str | torch.device | None = None) -> torch.device:
+    """`device`, else the GPU when there is one, else the CPU (for single-process tools)."""
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def env() -> Env:
     return _env
 

@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from .errors import UsageError
+
 ENV = "DDPDIFF_INCEPTION_WEIGHTS"
 SIZE = 299
 DIM = 2048
@@ -29,7 +31,7 @@ SKIP_MESSAGE = (f"fid skipped: no Inception weights (they cannot be downloaded h
                 "from https://download.pytorch.org/models/")
 
 
-class FIDError(ValueError):
+class FIDError(UsageError):
     """Unusable Inception weights; the message is one line naming the file."""
 
 

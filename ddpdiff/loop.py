@@ -11,35 +11,38 @@ from __future__ import annotations
 import contextlib
 import math
 import signal
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from . import checkpoint, config, dist
+from . import checkpoint, config, data, dist
 from .atomic import write_text
-from .config import Config, ConfigError
-from .data import DataError, share
+from .config import ConfigError, TrainerConfig
 from .ema import EMA
+from .errors import cli
+from .models import Meta
 from .monitor import Monitor
 
 
 class Task(Protocol):
-    """What a trainer plugs into the loop."""
+    """What a trainer plugs into the loop. A task is made from its config and this rank's `dist.Env`, and
+    keeps both (`cfg`, `env`)."""
+    cfg: TrainerConfig
+    env: dist.Env
 
-    def loader(self, cfg: Config, env: dist.Env) -> Any:
+    def loader(self) -> Any:
         """A `ddpdiff.data.Loader` (or anything with `batches_per_epoch` and `epoch(e, start)`)."""
 
-    def build_model(self, cfg: Config) -> nn.Module: ...
+    def validate(self) -> list[str]:
+        """Problems with the config for this task, to be reported together with the loop's own."""
 
-    def validate(self, cfg: Config) -> list[str]:
-        """Problems with this config for this task, to be reported together with the loop's own."""
+    def build_model(self) -> nn.Module: ...
 
     def loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         """Mean loss of a micro-batch and logging stats {name: (sum tensor, count tensor)}."""
@@ -47,27 +50,31 @@ class Task(Protocol):
     def describe(self, model: nn.Module) -> dict[str, Any]:
         """Figures for the first log line (parameter count, FLOPs per image…)."""
 
-    def metadata(self) -> dict[str, Any]:
+    def metadata(self) -> Meta:
         """What a checkpoint must carry to be used without the training data (e.g. which CLIP made it)."""
 
+    def eval_due(self, step: int) -> bool:
+        """Whether `evaluate` runs after `step` (and at step 0 of a fresh run)."""
+
     def evaluate(self, step: int, model: nn.Module, monitor: Monitor) -> None:
-        """Periodic evaluation with the EMA weights; called on every rank at each step where
-        `sample.every_steps` or `eval.every_steps` comes due (the task checks which)."""
+        """Periodic evaluation with the EMA weights, called on every rank when `eval_due(step)`."""
 
 
-def launch(make_task, description: str, prog: str, argv: list[str] | None = None) -> int:
+def launch(make_task: Callable[[Any, dist.Env], Task], root: type[TrainerConfig], description: str, prog: str,
+           argv: list[str] | None = None) -> int:
     """A trainer's entrypoint: parse its config, join the process group, run the loop, always leave the group.
 
     Config and data problems end the run with status 2 and one line; anything else raises, so torchrun
     reports it and stops the other ranks instead of leaving them waiting.
     """
-    cfg, _ = config.parse_args(description, argv, prog=prog)
+    cfg, _ = config.parse_args(description, argv, prog=prog, root=root)
     env = dist.init(cfg.dist.timeout_s)
+
+    @cli(prog)
+    def train() -> int:
+        return run(make_task(cfg, env))
     try:
-        return run(cfg, make_task(cfg, env))
-    except (ConfigError, DataError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
-        return 2
+        return train()
     finally:
         dist.cleanup()
 
@@ -85,6 +92,11 @@ class StopRequest:
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def due(step: int, every: int) -> bool:
+    """Whether a periodic action set to `every` steps (0 = never) comes due at `step`."""
+    return every > 0 and step % every == 0
 
 
 def step_seed(seed: int, step: int, rank: int, micro: int = 0) -> int:
@@ -131,50 +143,104 @@ def micro_batches(batch: dict, size: int) -> Iterator[dict]:
 
 
 @dataclass
-class Training:
-    """The model and what updates it, as `setup` builds them; `backward` and `update` make one step."""
+class TrainState:
+    """The model and what updates it, and where the run is: `state_dict()` is what a checkpoint holds and
+    `load_state_dict()` what a resume restores, so the two cannot drift apart."""
     model: nn.Module  # unwrapped: what checkpoints store
     ema: EMA
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     autocast_dtype: torch.dtype | None
     forward: nn.Module  # the module losses are computed through (DDP and/or compiled wrapper of `model`)
+    step: int = 0  # optimizer steps taken
+    epoch: int = 0  # the epoch and batch index in it that come next
+    batch: int = 0
+    samples_seen: int = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "ema": self.ema.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(), "step": self.step,
+                "epoch": self.epoch, "batch": self.batch, "samples_seen": self.samples_seen}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(_regrouped(state["optimizer"], self.model, self.optimizer))
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.epoch, self.batch = state["step"], state["epoch"], state["batch"]
+        self.samples_seen = state["samples_seen"]
+
+    def advance(self, global_batch: int, epoch: int, index: int, batches_per_epoch: int) -> None:
+        """Count the step just taken on batch `index` of `epoch`."""
+        self.step += 1
+        self.samples_seen += global_batch
+        self.epoch, self.batch = (epoch, index + 1) if index + 1 < batches_per_epoch else (epoch + 1, 0)
 
 
-def setup(cfg: Config, task: Task, env: dist.Env) -> Training:
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on the weights of linear and convolution layers only; never on norms, biases, embeddings or
+    learned null conditions (nanoGPT's `configure_optimizers`, by layer type rather than tensor rank)."""
+    decayed = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d))}
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if id(p) in decayed], "weight_decay": weight_decay},
+            {"params": [p for p in params if id(p) not in decayed], "weight_decay": 0.0}]
+
+
+def _regrouped(saved: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """An optimizer state saved with one parameter group (checkpoints before `param_groups`) renumbered into the
+    optimizer's groups; any other state as it is."""
+    if len(saved["param_groups"]) != 1 or len(optimizer.param_groups) == 1:
+        return saved
+    old_index = {id(p): i for i, p in enumerate(model.parameters())}
+    hyper = {k: v for k, v in saved["param_groups"][0].items() if k not in ("params", "weight_decay")}
+    groups, state, new = [], {}, 0
+    for group in optimizer.param_groups:
+        indices = []
+        for p in group["params"]:
+            if old_index[id(p)] in saved["state"]:
+                state[new] = saved["state"][old_index[id(p)]]
+            indices.append(new)
+            new += 1
+        groups.append({**hyper, "weight_decay": group["weight_decay"], "params": indices})
+    return {"state": state, "param_groups": groups}
+
+
+def setup(task: Task) -> TrainState:
     """Model (the same initial weights on every rank and every run), EMA, optimizer, precision."""
-    t, cuda = cfg.train, env.device.type == "cuda"
+    t, env = task.cfg.train, task.env
     torch.manual_seed(t.seed)
-    model = task.build_model(cfg).to(env.device)
+    model = task.build_model().to(env.device)
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt_cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
-    optimizer = opt_cls(model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
-                        **({"fused": True} if cuda else {"foreach": True}))
-    return Training(model, EMA(model, t.ema_decay), optimizer,
-                    torch.amp.GradScaler(env.device.type, enabled=t.precision == "fp16"),
-                    {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision), model)
+    optimizer = opt_cls(param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas),
+                        **({"fused": True} if env.device.type == "cuda" else {"foreach": True}))
+    return TrainState(model, EMA(model, t.ema_decay), optimizer,
+                      torch.amp.GradScaler(env.device.type, enabled=t.precision == "fp16"),
+                      {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision), model)
 
 
-def wrap(tr: Training, cfg: Config, env: dist.Env) -> None:
+def wrap(state: TrainState, task: Task) -> None:
     """DDP across ranks (and torch.compile if asked), once the weights are final (after resume)."""
-    forward = tr.model
+    cfg, env = task.cfg, task.env
+    forward = state.model
     if env.world_size > 1:
         # DDP re-buckets gradients after its first step unless find_unused_parameters is set; a resumed
         # process would then sum its first step's gradients in another order than the uninterrupted run did.
         # (With two ranks every sum has two terms, exact in either order, so nothing needs fixing there.)
-        forward = DDP(tr.model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
+        forward = DDP(state.model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
                       find_unused_parameters=cfg.dist.fixed_buckets and env.world_size > 2)
-    tr.forward = torch.compile(forward) if cfg.train.compile else forward
+    state.forward = torch.compile(forward) if cfg.train.compile else forward
 
 
-def backward(tr: Training, cfg: Config, env: dist.Env, task: Task, batch: dict, step: int,
-             stats: dict[str, list[torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of one global batch's share on this rank, micro-batch by micro-batch, unscaled and clipped.
+def backward(tr: TrainState, task: Task, batch: dict, stats: dict[str, list[torch.Tensor]],
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of one global batch's share on this rank for step `tr.step`, micro-batch by micro-batch,
+    unscaled and clipped.
 
     Returns the micro-batches' losses and the gradient norm; adds the task's logging stats into `stats`.
     """
-    t = cfg.train
+    t, env, step = task.cfg.train, task.env, tr.step
     tr.model.train()
     parts = list(micro_batches(batch, t.micro_batch or len(batch["key"])))
     losses = []
@@ -196,32 +262,53 @@ def backward(tr: Training, cfg: Config, env: dist.Env, task: Task, batch: dict, 
     return torch.stack(losses), grad_norm
 
 
-def update(tr: Training, step: int, apply: bool) -> None:
+def update(tr: TrainState, apply: bool) -> None:
     """Apply the gradients (and move the EMA), or drop them when any rank saw a non-finite value."""
     if apply:
         tr.scaler.step(tr.optimizer)
     tr.scaler.update()
     tr.optimizer.zero_grad(set_to_none=True)
     if apply:
-        tr.ema.update(tr.model, step)
+        tr.ema.update(tr.model, tr.step)
 
 
-def checked_loader(cfg: Config, env: dist.Env, task: Task) -> Any:
+def train_loader(task: Task, **options) -> data.Loader:
+    """This rank's loader over the training split of `data.shards`, in the loop's batches; `options` are the
+    task's own (`tokens`, `extra`, `map_sample`)."""
+    cfg, env = task.cfg, task.env
+    return data.Loader(cfg.data.shards, split="train", global_batch=cfg.train.global_batch, rank=env.rank,
+                       world_size=env.world_size, seed=cfg.train.seed, workers=cfg.data.workers, **options)
+
+
+def micro_size(task: Task) -> int:
+    """Images per forward pass on this rank: `train.micro_batch`, else the rank's whole share of a step.
+    Evaluation batches use it too, as memory is known to hold that many."""
+    t = task.cfg.train
+    return t.micro_batch or data.share(t.global_batch, task.env.world_size, task.env.rank)[1]
+
+
+def as_input(x: torch.Tensor, task: Task) -> torch.Tensor:
+    """A batch tensor on this rank's device in the model's memory format."""
+    x = x.to(task.env.device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if task.cfg.train.channels_last else x
+
+
+def checked_loader(task: Task) -> Any:
     """The task's training loader, after `validate`; a split smaller than one global batch is an error."""
-    validate(cfg, env, task)
-    loader = task.loader(cfg, env)
+    validate(task)
+    loader = task.loader()
     if loader.batches_per_epoch == 0:
         raise ConfigError(f"data.shards: the training split is smaller than one global batch of "
-                          f"{cfg.train.global_batch}")
+                          f"{task.cfg.train.global_batch}")
     return loader
 
 
-def validate(cfg: Config, env: dist.Env, task: Task) -> None:
+def validate(task: Task) -> None:
     """Every problem with this run's config, in one error, before any data is opened."""
-    t = cfg.train
-    problems = list(task.validate(cfg))
-    if t.global_batch < env.world_size:
-        problems.append(f"train.global_batch {t.global_batch} is smaller than the world size {env.world_size}")
+    cfg, t = task.cfg, task.cfg.train
+    problems = list(task.validate())
+    if t.global_batch < task.env.world_size:
+        problems.append(f"train.global_batch {t.global_batch} is smaller than the world size {task.env.world_size}")
     if t.micro_batch < 0:
         problems.append(f"train.micro_batch must be >= 0, got {t.micro_batch}")
     if t.max_steps < 0 or t.epochs < 1:
@@ -232,127 +319,125 @@ def validate(cfg: Config, env: dist.Env, task: Task) -> None:
         raise ConfigError("invalid run: " + "; ".join(problems))
 
 
-def run(cfg: Config, task: Task) -> int:
-    env = dist.env()
-    run_dir = Path(cfg.run.dir)
-    t = cfg.train
+def save(tr: TrainState, task: Task) -> None:
+    """Rank 0 writes the checkpoint of the current step (with the config and the model's metadata); all wait."""
+    if dist.is_main():
+        checkpoint.save(task.cfg.run.dir, tr.step, {**tr.state_dict(), "config": config.to_dict(task.cfg),
+                                                    "meta": task.metadata().to_dict()}, task.cfg.checkpoint.keep)
+    dist.barrier()
 
-    # Config and data checks (every rank reaches the same verdict, so none is left waiting).
-    loader = checked_loader(cfg, env, task)
-    per_rank = share(t.global_batch, env.world_size, env.rank)[1]
-    micro = t.micro_batch or per_rank
-    total_steps = t.max_steps or t.epochs * loader.batches_per_epoch
 
-    # Model, EMA, optimizer, precision.
-    tr = setup(cfg, task, env)
-    model, ema, optimizer, scaler = tr.model, tr.ema, tr.optimizer, tr.scaler
-    cuda = env.device.type == "cuda"
-
-    # Resume from the newest checkpoint that verifies; every rank must land on the same step.
-    step, epoch, index, samples_seen = 0, 0, 0, 0
+def resume(tr: TrainState, run_dir: Path) -> bool:
+    """Restore the newest checkpoint that verifies, if any; every rank must land on the same step."""
     found = checkpoint.load_latest(run_dir, log=dist.print0)
     if found is not None:
         state, path = found
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        step, epoch, index, samples_seen = state["step"], state["epoch"], state["batch"], state["samples_seen"]
-        dist.print0(f"resumed from {path} (step {step}, epoch {epoch}, batch {index})")
-    if not dist.all_equal(step):
-        raise RuntimeError(f"ranks resumed from different steps (this rank: {step}); is {run_dir} shared?")
+        tr.load_state_dict(state)
+        dist.print0(f"resumed from {path} (step {tr.step}, epoch {tr.epoch}, batch {tr.batch})")
+    if not dist.all_equal(tr.step):
+        raise RuntimeError(f"ranks resumed from different steps (this rank: {tr.step}); is {run_dir} shared?")
+    return found is not None
+
+
+class Logger:
+    """Accumulates the task's stats between log steps and writes one line and the scalars at each."""
+
+    def __init__(self, monitor: Monitor, cuda: bool, step: int):
+        self.monitor, self.cuda = monitor, cuda
+        self.stats: dict[str, list[torch.Tensor]] = {}
+        self.nonfinite_total = 0
+        self.tick, self.tick_step = time.perf_counter(), step
+
+    def log(self, tr: TrainState, epoch: int, losses: torch.Tensor, grad_norm: torch.Tensor, global_batch: int) -> None:
+        elapsed = time.perf_counter() - self.tick
+        values = {"train/loss": dist.all_mean(losses.mean().float().cpu()).item(),
+                  "train/lr": tr.optimizer.param_groups[0]["lr"], "train/grad_norm": float(grad_norm),
+                  "train/images_per_s": global_batch * (tr.step - self.tick_step) / max(elapsed, 1e-9),
+                  "train/samples_seen": tr.samples_seen, "train/epoch": epoch,
+                  "train/nonfinite_steps": self.nonfinite_total}
+        for name, (s, c) in sorted(self.stats.items()):
+            s, c = dist.all_sum(s), dist.all_sum(c)
+            if c > 0:
+                values[name] = (s / c).item()
+        if self.cuda:
+            values["train/gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        self.monitor.scalars(tr.step, values)
+        self.stats.clear()
+        self.tick, self.tick_step = time.perf_counter(), tr.step
+
+
+def run(task: Task) -> int:
+    cfg, env, t = task.cfg, task.env, task.cfg.train
+    run_dir = Path(cfg.run.dir)
+
+    # Prepare: config and data checks (every rank reaches the same verdict, so none is left waiting), then the
+    # model, EMA, optimizer and precision.
+    loader = checked_loader(task)
+    per_rank = data.share(t.global_batch, env.world_size, env.rank)[1]
+    total_steps = t.max_steps or t.epochs * loader.batches_per_epoch
+    tr = setup(task)
+
+    # Resume from the newest checkpoint that verifies; then wrap for DDP and write the resolved config.
+    resumed = resume(tr, run_dir)
     if dist.is_main():
         write_text(run_dir / "config.yaml", config.dump(cfg))
-    wrap(tr, cfg, env)
-
+    wrap(tr, task)
     monitor = Monitor(run_dir, dist.is_main())
-    evaluate_every = (cfg.sample.every_steps, cfg.eval.every_steps)
     info = {"world_size": env.world_size, "ranks_per_node": env.local_world_size, "device": str(env.device),
-            "backend": env.backend, "precision": t.precision, **task.describe(model)}
+            "backend": env.backend, "precision": t.precision, **task.describe(tr.model)}
     dist.print0("ddpdiff " + " ".join(f"{k}={v}" for k, v in info.items()))
     dist.print0(f"training to step {total_steps}: {loader.batches_per_epoch} steps per epoch, global batch "
-                f"{t.global_batch} ({per_rank} on rank 0, in micro-batches of at most {micro}), run dir {run_dir}")
-    if found is None and any(e > 0 for e in evaluate_every):
-        task.evaluate(0, ema.model, monitor)
-    stop = StopRequest()
-    last_saved = step if found is not None else -1
-    nonfinite_run, nonfinite_total = 0, 0
-    stats: dict[str, list[torch.Tensor]] = {}
-    tick, tick_step = time.perf_counter(), step
-
-    def save() -> None:
-        nonlocal last_saved
-        if dist.is_main():
-            checkpoint.save(run_dir, step, {
-                "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(), "step": step, "epoch": epoch, "batch": index,
-                "samples_seen": samples_seen, "config": config.to_dict(cfg), "meta": task.metadata(),
-                "rng": {"seed": t.seed, "torch": torch.get_rng_state(),
-                        "cuda": torch.cuda.get_rng_state_all() if cuda else []},
-            }, cfg.checkpoint.keep)
-        last_saved = step
-        dist.barrier()
+                f"{t.global_batch} ({per_rank} on rank 0, in micro-batches of at most {micro_size(task)}), run dir "
+                f"{run_dir}")
+    if not resumed and task.eval_due(0):
+        task.evaluate(0, tr.ema.model, monitor)
 
     # The loop: one optimizer step per global batch.
+    stop = StopRequest()
+    last_saved = tr.step if resumed else -1
+    nonfinite_run = 0
+    logger = Logger(monitor, env.device.type == "cuda", tr.step)
     try:
-        data = batches(loader, epoch, index) if step < total_steps else iter(())
-        for epoch_now, i, batch in data:
-            for g in optimizer.param_groups:
-                g["lr"] = lr_at(step, total_steps, t)
-            losses, grad_norm = backward(tr, cfg, env, task, batch, step, stats)
+        batches_left = batches(loader, tr.epoch, tr.batch) if tr.step < total_steps else iter(())
+        for epoch, index, batch in batches_left:
+            for g in tr.optimizer.param_groups:
+                g["lr"] = lr_at(tr.step, total_steps, t)
+            losses, grad_norm = backward(tr, task, batch, logger.stats)
             finite = bool(torch.isfinite(losses).all()) and bool(torch.isfinite(grad_norm))
             bad, stopping = dist.any_rank(not finite, stop.signal is not None)
 
             # Skip a step with a non-finite loss or gradient on any rank; too many in a row ends the run.
-            update(tr, step, apply=not bad)
-            if bad:
-                nonfinite_run += 1
-                nonfinite_total += 1
-                if nonfinite_run > t.max_nonfinite:
-                    raise FloatingPointError(
-                        f"{nonfinite_run} non-finite losses in a row at step {step}; stopping with the last good "
-                        f"checkpoint intact (lower train.lr, use bf16, or raise train.max_nonfinite)")
-            else:
-                nonfinite_run = 0
-            step += 1
-            samples_seen += t.global_batch
-            epoch, index = (epoch_now, i + 1) if i + 1 < loader.batches_per_epoch else (epoch_now + 1, 0)
+            update(tr, apply=not bad)
+            nonfinite_run = nonfinite_run + 1 if bad else 0
+            logger.nonfinite_total += bad
+            if nonfinite_run > t.max_nonfinite:
+                raise FloatingPointError(
+                    f"{nonfinite_run} non-finite losses in a row at step {tr.step}; stopping with the last good "
+                    f"checkpoint intact (lower train.lr, use bf16, or raise train.max_nonfinite)")
+            tr.advance(t.global_batch, epoch, index, loader.batches_per_epoch)
 
             # Monitoring, periodic evaluation and checkpoints.
-            if step % cfg.log.every_steps == 0 or step == total_steps:
-                elapsed = time.perf_counter() - tick
-                values = {"train/loss": dist.all_mean(losses.mean().float().cpu()).item(),
-                          "train/lr": optimizer.param_groups[0]["lr"], "train/grad_norm": float(grad_norm),
-                          "train/images_per_s": t.global_batch * (step - tick_step) / max(elapsed, 1e-9),
-                          "train/samples_seen": samples_seen, "train/epoch": epoch_now,
-                          "train/nonfinite_steps": nonfinite_total}
-                for name, (s, c) in sorted(stats.items()):
-                    s, c = dist.all_sum(s), dist.all_sum(c)
-                    if c > 0:
-                        values[name] = (s / c).item()
-                if cuda:
-                    values["train/gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-                monitor.scalars(step, values)
-                stats.clear()
-                tick, tick_step = time.perf_counter(), step
-            if any(e > 0 and step % e == 0 for e in evaluate_every):
-                task.evaluate(step, ema.model, monitor)
-            if step % cfg.checkpoint.every_steps == 0 or step == total_steps or stopping:
-                save()
+            if tr.step % cfg.log.every_steps == 0 or tr.step == total_steps:
+                logger.log(tr, epoch, losses, grad_norm, t.global_batch)
+            if task.eval_due(tr.step):
+                task.evaluate(tr.step, tr.ema.model, monitor)
+            if tr.step % cfg.checkpoint.every_steps == 0 or tr.step == total_steps or stopping:
+                save(tr, task)
+                last_saved = tr.step
             if stopping:
-                dist.print0(f"stopped by signal {stop.signal or '(on another rank)'} at step {step}; "
+                dist.print0(f"stopped by signal {stop.signal or '(on another rank)'} at step {tr.step}; "
                             f"checkpoint saved, the same command resumes")
                 break
-            if step >= total_steps:
+            if tr.step >= total_steps:
                 break
 
         # Final save, unless this step is already on disk.
-        if last_saved != step:
-            save()
+        if last_saved != tr.step:
+            save(tr, task)
     finally:
         stop.restore()
         monitor.close()
-    if step >= total_steps:
-        dist.print0(f"done: {step} steps, checkpoints in {run_dir / 'checkpoints'}, TensorBoard logs in "
+    if tr.step >= total_steps:
+        dist.print0(f"done: {tr.step} steps, checkpoints in {run_dir / 'checkpoints'}, TensorBoard logs in "
                     f"{run_dir / 'tb'}")
     return 0

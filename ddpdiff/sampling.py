@@ -1,10 +1,13 @@
-"""DDPM ancestral and DDIM samplers over respaced timesteps, and classifier-free guidance."""
+"""DDPM ancestral and DDIM samplers over respaced timesteps, classifier-free guidance, and `generate`: images
+from per-image seeds, the one generation path (through `ddpdiff.pipeline.Pipeline`) of the sampling CLI,
+the evaluation and the in-training previews and metrics."""
 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -15,6 +18,28 @@ from .diffusion import Diffusion, posterior, randn
 Denoise = Callable[[torch.Tensor, torch.Tensor, dict | None], torch.Tensor]
 # step(x_t, x0, ab_t, ab_s) -> mean and variance of x_s, for the next (smaller) timestep s.
 Step = Callable[[torch.Tensor, torch.Tensor, float, float], tuple[torch.Tensor, float]]
+# noise(shape) -> standard normal noise of that shape for a sampler's later draws.
+Noise = Callable[[tuple[int, ...]], torch.Tensor]
+
+
+def gaussian(generator: torch.Generator | None, device: torch.device | str = "cpu") -> Noise:
+    """Noise from one generator (drawn on the generator's device, then moved)."""
+    return lambda shape: randn(shape, generator, device)
+
+
+def per_image(seeds: Sequence[int], device: torch.device | str = "cpu") -> Noise:
+    """Noise whose row i comes from its own CPU generator seeded by seeds[i]: an image's noise, the initial
+    one and every later draw, depends on its seed alone, not on the batch it is in or the device."""
+    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+    def noise(shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.stack([torch.randn(shape[1:], generator=g) for g in generators]).to(device)
+    return noise
+
+
+def image_seed(seed: int, index: int, sample: int = 0) -> int:
+    """The seed of image `sample` for prompt `index` of a run seeded by `seed`."""
+    return int(np.random.SeedSequence([seed, index, sample, 0]).generate_state(1)[0])
 
 
 def respaced(T: int, steps: int | None) -> list[int]:
@@ -40,7 +65,7 @@ def ddim_step(x_t: torch.Tensor, x0: torch.Tensor, ab_t: float, ab_s: float, eta
 
 
 def _run(denoise: Denoise, diff: Diffusion, x: torch.Tensor, cond: dict | None, steps: int | None, step: Step,
-         generator: torch.Generator | None, clip_x0: bool, progress: bool) -> torch.Tensor:
+         noise: Noise | None, clip_x0: bool, progress: bool) -> torch.Tensor:
     """The shared sampling loop: predict x0 at each respaced t, then take `step` to the next one.
 
     Runs in x's dtype (float64 lets the oracle tests check the algebra to 1e-9)."""
@@ -53,24 +78,27 @@ def _run(denoise: Denoise, diff: Diffusion, x: torch.Tensor, cond: dict | None, 
         if clip_x0:
             x0 = x0.clamp(-1, 1)
         mean, var = step(x, x0, ab[t], ab_s)
-        x = mean + math.sqrt(var) * randn(tuple(x.shape), generator, x.device).to(x.dtype) if var > 0 else mean
+        if var > 0:
+            x = mean + math.sqrt(var) * (noise or gaussian(None, x.device))(tuple(x.shape)).to(x.device, x.dtype)
+        else:
+            x = mean
     return x
 
 
 def ddpm_sample(denoise: Denoise, diff: Diffusion, x_T: torch.Tensor, cond: dict | None = None,
-                steps: int | None = None, generator: torch.Generator | None = None, clip_x0: bool = True,
+                steps: int | None = None, noise: Noise | None = None, clip_x0: bool = True,
                 progress: bool = False) -> torch.Tensor:
     """Ancestral sampling from noise x_T; with steps < T the posterior spans the respaced gaps."""
-    return _run(denoise, diff, x_T, cond, steps, ddpm_step, generator, clip_x0, progress)
+    return _run(denoise, diff, x_T, cond, steps, ddpm_step, noise, clip_x0, progress)
 
 
 def ddim_sample(denoise: Denoise, diff: Diffusion, x_T: torch.Tensor, cond: dict | None = None,
-                steps: int | None = None, eta: float = 0.0, generator: torch.Generator | None = None,
+                steps: int | None = None, eta: float = 0.0, noise: Noise | None = None,
                 clip_x0: bool = True, progress: bool = False) -> torch.Tensor:
     """DDIM from noise x_T: eta = 0 is deterministic, eta = 1 is ancestral DDPM."""
     def step(x_t, x0, ab_t, ab_s):
         return ddim_step(x_t, x0, ab_t, ab_s, eta)
-    return _run(denoise, diff, x_T, cond, steps, step, generator, clip_x0, progress)
+    return _run(denoise, diff, x_T, cond, steps, step, noise, clip_x0, progress)
 
 
 SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {"ddpm": ddpm_sample, "ddim": ddim_sample}
@@ -94,22 +122,39 @@ def guided(model: nn.Module, guidance: float) -> Denoise:
     return denoise
 
 
-@torch.no_grad()
-def sample(model: nn.Module, cond: dict, shape: tuple[int, ...], diff: Diffusion, sampler: str = "ddim",
-           steps: int | None = None, eta: float = 0.0, guidance: float = 1.0,
-           generator: torch.Generator | None = None, progress: bool = False, clip_x0: bool = True,
-           ) -> torch.Tensor:
-    """Images in [-1, 1] from `model(x_t, t, cond, drop)` (put it in eval mode first).
-
-    x_T and every later noise draw come from `generator`, so a seed gives the same images on the same device.
-    """
+def check(sampler: str, steps: int, eta: float, timesteps: int) -> list[str]:
+    """Problems with sampling settings, named by their command-line flags."""
+    problems = []
     if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r} (known: {', '.join(SAMPLERS)})")
-    if sampler == "ddpm" and eta != 0:
-        raise ValueError("eta applies to the ddim sampler only")
+        problems.append(f"--sampler {sampler!r} is not one of {', '.join(SAMPLERS)}")
+    if not 1 <= steps <= timesteps:
+        problems.append(f"--steps {steps} is outside 1..{timesteps} (the checkpoint's diffusion.timesteps)")
+    if eta < 0 or (eta and sampler != "ddim"):
+        problems.append("--eta must be >= 0 and applies to the ddim sampler only")
+    return problems
+
+
+@torch.no_grad()
+def generate(model: nn.Module, diff: Diffusion, cond: dict, seeds: Sequence[int], image_shape: tuple[int, ...],
+             sampler: str = "ddim", steps: int = 50, eta: float = 0.0, guidance: float = 1.0, batch_size: int = 64,
+             clip_x0: bool = True, progress: bool = False) -> torch.Tensor:
+    """Image i from `model(x_t, t, cond, drop)` (in eval mode) for row i of `cond`, all its noise from
+    seeds[i] (`per_image`): [len(seeds), *image_shape] in [-1, 1], on the CPU.
+
+    The same seeds and condition give the same images whatever the batch size (up to the kernels' own
+    batch-size dependence, ~1e-6), on any device up to its arithmetic.
+    """
+    problems = check(sampler, steps, eta, diff.T)
+    if problems:
+        raise ValueError("; ".join(problems))
     device = next(model.parameters()).device
-    x_T = randn(tuple(shape), generator, device)
     options = {"eta": eta} if sampler == "ddim" else {}
-    x0 = SAMPLERS[sampler](guided(model, guidance), diff, x_T, cond, steps=steps, generator=generator,
-                           clip_x0=clip_x0, progress=progress, **options)
-    return x0.clamp(-1, 1)
+    out = []
+    for start in range(0, len(seeds), batch_size):
+        rows = slice(start, start + batch_size)
+        noise = per_image(seeds[rows], device)
+        x_T = noise((len(seeds[rows]), *image_shape))
+        x0 = SAMPLERS[sampler](guided(model, guidance), diff, x_T, {k: v[rows] for k, v in cond.items()},
+                               steps=steps, noise=noise, clip_x0=clip_x0, progress=progress, **options)
+        out.append(x0.clamp(-1, 1).cpu())
+    return torch.cat(out) if out else torch.zeros(0, *image_shape)

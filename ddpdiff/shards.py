@@ -26,7 +26,8 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from . import __version__, celeba, clip
-from .atomic import atomic_write
+from .atomic import atomic_write, sha256_file
+from .errors import UsageError
 
 FORMAT, VERSION = "ddpdiff-shards", 1
 MANIFEST, TASK_DIR = "manifest.json", "tasks"
@@ -34,7 +35,7 @@ JPEG_QUALITY = 95
 IN_FLIGHT = 2  # CPU-stage windows queued beyond the one being encoded: keeps workers busy, memory bounded
 
 
-class ShardError(ValueError):
+class ShardError(UsageError):
     """A refused or inconsistent output folder; the message is one line that says what to do."""
 
 
@@ -200,14 +201,6 @@ def _write_batch(tar: tarfile.TarFile, batch: list[tuple[dict, Prepared]], encod
 
 
 # ---- the output folder: header, refusal, resume
-
-def sha256_file(path: Path) -> str:
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            sha.update(block)
-    return sha.hexdigest()
-
 
 def _header(encoder: clip.Encoder, image_size: int, tokens: bool, samples_per_shard: int, num_images: int,
             num_shards: int) -> dict:

@@ -4,57 +4,92 @@
   torchrun --nproc_per_node=8 -m ddpdiff.train --config jobs/configs/celeba64.yaml
 
 A run directory that already holds checkpoints is resumed from its newest intact one; SIGTERM or SIGUSR1
-makes every rank stop at the same step and save first.
+makes every rank stop at the same step and save first. Every `sample.every_steps` rank 0 draws EMA samples
+for fixed validation prompts (TensorBoard, and RUN/samples/step_S.png); every `eval.every_steps` all ranks
+share an evaluation (ddpdiff.metrics) of `eval.num` samples.
 """
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import torch
 from torch import nn
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from . import data, dist, loop
-from . import eval as evaluation
-from .config import Config, ConfigError
+from . import conditioning, data, dist, fid, loop, metrics, models
+from .config import Config
 from .diffusion import Diffusion
-from .models import build_model, count_params, flops_per_image
+from .errors import UsageError
+from .images import write_png
+from .models import DenoiserMeta
 from .monitor import Monitor
-from .sampling import sample
+from .pipeline import Pipeline
+from .sampling import image_seed
 
 
-def uses_tokens(cfg: Config) -> bool:
-    """Whether the configured model reads per-token text states (only `unet` has cross-attention)."""
-    return cfg.model.name == "unet" and cfg.model.cond != "pooled"
-
-
-def make_model(cfg: Config, manifest: dict) -> nn.Module:
-    clip = manifest["clip"]
-    null_tokens = None
-    if uses_tokens(cfg):
-        null_tokens = torch.tensor(manifest["empty_prompt"]["tokens"], dtype=torch.float32)
+def eval_problems(cfg: Config, world_size: int, manifest: dict) -> list[str]:
+    """What is wrong with the `eval` section for in-training evaluation (nothing when it is off)."""
+    e, out = cfg.eval, []
+    if e.every_steps < 0:
+        out.append(f"eval.every_steps must be >= 0, got {e.every_steps}")
+    if e.every_steps <= 0:
+        return out
     try:
-        return build_model(cfg.model, image_size=manifest["image_size"], cond_dim=clip["dim"],
-                           token_dim=clip["token_dim"] if uses_tokens(cfg) else None, null_tokens=null_tokens,
-                           timesteps=cfg.diffusion.timesteps)
-    except ValueError as e:  # the model's own check of its config, e.g. attention at sizes it does not have
-        raise ConfigError(str(e)) from None
+        metrics.parse_metrics(e.metrics)
+    except metrics.EvalError as err:
+        out.append(str(err).replace("--metrics", "eval.metrics"))
+    if e.num < world_size:
+        out.append(f"eval.num {e.num} is less than the world size {world_size} (every rank makes samples)")
+    if not 1 <= e.steps <= cfg.diffusion.timesteps:
+        out.append(f"eval.steps {e.steps} is outside 1..{cfg.diffusion.timesteps} (diffusion.timesteps)")
+    val = data.split_count(manifest, "val")
+    if val < world_size:
+        out.append(f"the val split of {cfg.data.shards} has {val} images, fewer than the {world_size} ranks")
+    if e.classifier:
+        try:
+            _, cmeta = metrics.load_classifier(e.classifier)
+            if cmeta.image_size != manifest["image_size"]:
+                out.append(f"eval.classifier {e.classifier}: trained on {cmeta.image_size}px images, but "
+                           f"the shards hold {manifest['image_size']}px ones")
+        except UsageError as err:
+            out.append(f"eval.classifier: {err}")
+    try:
+        fid.weights_path(e.inception)
+    except fid.FIDError as err:
+        out.append(str(err).replace("--inception", "eval.inception"))
+    return out
 
 
-def condition(batch: dict, cfg: Config, device: torch.device, generator: torch.Generator | None = None) -> dict:
-    """The model's conditioning from a batch: pooled CLIP embedding (text, image or a per-example mix)."""
-    pooled = batch["clip_text"].to(device)
-    if cfg.data.condition == "image":
-        pooled = batch["clip_image"].to(device)
-    elif cfg.data.condition == "mix":
-        use_image = torch.rand(pooled.shape[0], 1, generator=generator, device=device) < 0.5
-        pooled = torch.where(use_image, batch["clip_image"].to(device), pooled)
-    cond = {"pooled": pooled}
-    if uses_tokens(cfg):
-        cond["tokens"] = batch["tokens"].to(device)
-        cond["mask"] = batch["token_mask"].to(device)
-    return cond
+class TrainingEval:
+    """Evaluation inside diffusion training, every `eval.every_steps`; call it on every rank at every
+    evaluation step.
+
+    Each rank generates its share of `eval.num` samples with the EMA model through the same `Pipeline` and
+    seeds as `python -m ddpdiff.eval --seed train.seed`, scores them, and one all-reduce per metric gathers
+    the sums; rank 0 logs `eval/...` scalars. Resources (classifier, CLIP, Inception, val images) load at the
+    first evaluation.
+    """
+
+    def __init__(self, cfg: Config, meta: DenoiserMeta, env: dist.Env, batch_size: int):
+        self.cfg, self.meta, self.env, self.batch_size = cfg, meta, env, batch_size
+        self.evaluator: metrics.Evaluator | None = None
+
+    def __call__(self, step: int, pipe: Pipeline, monitor: Monitor) -> dict:
+        e, env = self.cfg.eval, self.env
+        if self.evaluator is None:
+            self.evaluator = metrics.Evaluator(
+                self.cfg.data.shards, self.meta, e.metrics, e.num, classifier=e.classifier or None,
+                inception=e.inception or None, device=env.device, batch_size=self.batch_size, rank=env.rank,
+                world_size=env.world_size, log=lambda msg: dist.print0(msg, file=sys.stderr))
+        report = self.evaluator.run(lambda batch: pipe.generate_for(
+            batch, self.cfg.train.seed, sampler=self.cfg.sample.sampler, steps=e.steps, guidance=e.guidance,
+            eta=self.cfg.sample.eta, batch_size=self.batch_size))
+        head, detail = metrics.scalars(report)
+        monitor.scalars(step, head)
+        monitor.scalars(step, detail, console=False)
+        return report
 
 
 class DiffusionTask:
@@ -62,47 +97,44 @@ class DiffusionTask:
         self.cfg, self.env = cfg, env
         self.diffusion = Diffusion(cfg.diffusion)
         self.manifest = data.load_manifest(cfg.data.shards)
-        self.val = None
-        self.eval = evaluation.TrainingEval(cfg, self.metadata(), env)
+        self.tokens = models.uses_tokens(cfg.model)
+        self.val: dict | None = None
+        self.eval = TrainingEval(cfg, self.metadata(), env, loop.micro_size(self))
 
-    def loader(self, cfg: Config, env: dist.Env) -> data.Loader:
-        return data.Loader(cfg.data.shards, split="train", global_batch=cfg.train.global_batch,
-                           rank=env.rank, world_size=env.world_size, seed=cfg.train.seed,
-                           workers=cfg.data.workers, tokens=True if uses_tokens(cfg) else False)
+    def loader(self) -> data.Loader:
+        return loop.train_loader(self, tokens=self.tokens)
 
-    def validate(self, cfg: Config) -> list[str]:
-        problems = []
-        if uses_tokens(cfg) and not self.manifest["clip"].get("token_dim"):
+    def validate(self) -> list[str]:
+        cfg, problems = self.cfg, []
+        if self.tokens and not self.manifest["clip"].get("token_dim"):
             problems.append(f"model.cond={cfg.model.cond} needs per-token text states, but the shards in "
                             f"{cfg.data.shards} have none (re-shard without --no-tokens, or set model.cond=pooled)")
-        if uses_tokens(cfg) and cfg.data.condition != "text":
+        else:
+            problems += models.denoiser_problems(cfg.model, cfg.diffusion.timesteps, self.metadata())
+        if self.tokens and cfg.data.condition != "text":
             problems.append(f"data.condition={cfg.data.condition} conditions on images, which have no token "
                             "states: use model.cond=pooled")
         if cfg.sample.steps > cfg.diffusion.timesteps:
             problems.append(f"sample.steps {cfg.sample.steps} exceeds diffusion.timesteps {cfg.diffusion.timesteps}")
-        return problems + evaluation.problems(cfg, self.env.world_size)
+        return problems + eval_problems(cfg, self.env.world_size, self.manifest)
 
-    def build_model(self, cfg: Config) -> nn.Module:
-        model = make_model(cfg, self.manifest)
-        model.set_grad_checkpointing(cfg.train.grad_checkpointing)
+    def build_model(self) -> nn.Module:
+        model = models.build_denoiser(self.cfg.model, self.cfg.diffusion.timesteps, self.metadata())
+        model.set_grad_checkpointing(self.cfg.train.grad_checkpointing)
         return model
 
     def describe(self, model: nn.Module) -> dict:
-        size = self.manifest["image_size"]
-        return {"model": self.cfg.model.name, "params": count_params(model),
-                "gflops_per_image": round(flops_per_image(model, size) / 1e9, 3)}
+        return {"model": self.cfg.model.name, "params": models.count_params(model),
+                "gflops_per_image": round(models.flops_per_image(model, self.manifest["image_size"]) / 1e9, 3)}
 
-    def metadata(self) -> dict:
-        return {"clip": self.manifest["clip"], "image_size": self.manifest["image_size"],
-                "empty_prompt": self.manifest["empty_prompt"]}
+    def metadata(self) -> DenoiserMeta:
+        m = self.manifest
+        return DenoiserMeta(clip=m["clip"], image_size=m["image_size"], empty_prompt=m["empty_prompt"])
 
     def loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
-        device = self.env.device
-        x0 = batch["image"].to(device, non_blocking=True)
-        if self.cfg.train.channels_last:
-            x0 = x0.contiguous(memory_format=torch.channels_last)
-        cond = condition(batch, self.cfg, device, generator)
-        drop = torch.rand(x0.shape[0], generator=generator, device=device) < self.cfg.train.cond_drop
+        x0 = loop.as_input(batch["image"], self)
+        cond = conditioning.from_batch(batch, self.tokens, self.env.device, self.cfg.data.condition, generator)
+        drop = torch.rand(x0.shape[0], generator=generator, device=self.env.device) < self.cfg.train.cond_drop
         loss, per_example, t = self.diffusion.loss(lambda x_t, tt: model(x_t, tt, cond, drop), x0,
                                                    generator=generator)
         quartile = (t * 4) // self.cfg.diffusion.timesteps
@@ -110,31 +142,33 @@ class DiffusionTask:
                                          (quartile == q).sum()) for q in range(4)}
         return loss, stats
 
+    def eval_due(self, step: int) -> bool:
+        return loop.due(step, self.cfg.sample.every_steps) or loop.due(step, self.cfg.eval.every_steps)
+
     @torch.no_grad()
     def evaluate(self, step: int, model: nn.Module, monitor: Monitor) -> None:
         """Metrics on every rank at `eval.every_steps`; a grid of EMA samples for fixed validation prompts on
         rank 0 at `sample.every_steps` (the other ranks go straight on)."""
-        self.eval(step, model, monitor)
-        s = self.cfg.sample
-        if not dist.is_main() or not s.every_steps or step % s.every_steps:
+        pipe = Pipeline(model, self.diffusion, self.cfg.model, self.metadata())
+        e, s = self.cfg.eval, self.cfg.sample
+        if loop.due(step, e.every_steps):
+            self.eval(step, pipe, monitor)
+        if not dist.is_main() or not loop.due(step, s.every_steps):
             return
         if self.val is None:
-            self.val = data.read_samples(self.cfg.data.shards, split="val", n=s.num_prompts,
-                                         tokens=True if uses_tokens(self.cfg) else False)
+            self.val = data.read_samples(self.cfg.data.shards, split="val", n=s.num_prompts, tokens=self.tokens)
             monitor.images("samples/real", step, self.val["image"])
             monitor.text("samples/prompts", step, "\n\n".join(self.val["prompt"]))
-        device = self.env.device
-        cond = condition(self.val, self.cfg, device)
-        gen = torch.Generator(device).manual_seed(self.cfg.train.seed)
-        n = len(self.val["prompt"])
-        images = sample(model, cond, (n, 3, *self.val["image"].shape[-2:]), self.diffusion, sampler=s.sampler,
-                        steps=s.steps, eta=s.eta, guidance=s.guidance, generator=gen)
+        seeds = [image_seed(self.cfg.train.seed, p) for p in range(len(self.val["prompt"]))]
+        images = pipe.generate(pipe.condition(self.val), seeds, sampler=s.sampler, steps=s.steps,
+                               guidance=s.guidance, eta=s.eta, batch_size=len(seeds))
         monitor.images("samples/ema", step, images)
+        write_png(Path(self.cfg.run.dir) / "samples" / f"step_{step:08d}.png", images, nrow=min(len(images), 8))
 
 
 @record
 def main(argv: list[str] | None = None) -> int:
-    return loop.launch(DiffusionTask, __doc__, "python -m ddpdiff.train", argv)
+    return loop.launch(DiffusionTask, Config, __doc__, "python -m ddpdiff.train", argv)
 
 
 if __name__ == "__main__":

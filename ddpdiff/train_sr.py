@@ -5,9 +5,8 @@
 
 Random `sr.hr_patch` patches are the targets and their antialiased bicubic downsamples by `sr.scale` the
 inputs; the loss is MSE. It runs in the same loop as the diffusion model (DDP, precision, EMA, checkpoints,
-resume, TensorBoard); `sample.every_steps` sets how often the EMA weights are scored by PSNR against
-bicubic upsampling on `sr.eval_images` fixed validation crops. The diffusion sections of the config are
-unused here.
+resume, TensorBoard); `sr.eval_every_steps` sets how often the EMA weights are scored by PSNR against
+bicubic upsampling on `sr.eval_images` fixed validation crops.
 """
 
 from __future__ import annotations
@@ -22,9 +21,9 @@ from PIL import Image
 from torch import nn
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from . import data, dist, loop
-from .config import Config
-from .models import SRResNet, count_params
+from . import data, dist, loop, models
+from .config import SRTrainerConfig
+from .models import SRMeta
 from .monitor import Monitor
 
 
@@ -65,23 +64,17 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return 10 * torch.log10(4 / mse.clamp_min(1e-12))
 
 
-def build(meta: dict) -> SRResNet:
-    """The network a checkpoint's `meta` describes (`SRTask.metadata`)."""
-    return SRResNet(scale=meta["scale"], channels=meta["channels"], num_blocks=meta["num_blocks"])
-
-
 class SRTask:
-    def __init__(self, cfg: Config, env: dist.Env):
+    def __init__(self, cfg: SRTrainerConfig, env: dist.Env):
         self.cfg, self.env = cfg, env
         self.val: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def loader(self, cfg: Config, env: dist.Env) -> data.Loader:
-        pair = functools.partial(random_pair, size=cfg.sr.hr_patch, scale=cfg.sr.scale)
-        return data.Loader(cfg.data.shards, split="train", global_batch=cfg.train.global_batch,
-                           rank=env.rank, world_size=env.world_size, seed=cfg.train.seed,
-                           workers=cfg.data.workers, tokens=False, extra=("jpg",), map_sample=pair)
+    def loader(self) -> data.Loader:
+        pair = functools.partial(random_pair, size=self.cfg.sr.hr_patch, scale=self.cfg.sr.scale)
+        return loop.train_loader(self, tokens=False, extra=("jpg",), map_sample=pair)
 
-    def validate(self, cfg: Config) -> list[str]:
+    def validate(self) -> list[str]:
+        cfg = self.cfg
         s, problems = cfg.sr, []
         if s.hr_patch < s.scale or s.hr_patch % s.scale:
             problems.append(f"sr.hr_patch {s.hr_patch} is not a positive multiple of sr.scale {s.scale}")
@@ -89,29 +82,28 @@ class SRTask:
             problems.append("sr.channels must be >= 1 and sr.num_blocks >= 0")
         if cfg.train.grad_checkpointing:
             problems.append("train.grad_checkpointing: the SRResNet has no checkpointed blocks; set it false")
-        val = data.load_manifest(cfg.data.shards)["splits"].get("val", {}).get("count", 0)
-        if cfg.sample.every_steps and not 1 <= s.eval_images <= val:
+        if s.eval_every_steps < 0:
+            problems.append(f"sr.eval_every_steps must be >= 0, got {s.eval_every_steps}")
+        val = data.split_count(data.load_manifest(cfg.data.shards), "val")
+        if s.eval_every_steps and not 1 <= s.eval_images <= val:
             problems.append(f"sr.eval_images {s.eval_images} is outside 1..{val} (the val split of "
-                            f"{cfg.data.shards}); lower it, or set sample.every_steps 0 to skip evaluation")
+                            f"{cfg.data.shards}); lower it, or set sr.eval_every_steps 0 to skip evaluation")
         return problems
 
-    def build_model(self, cfg: Config) -> nn.Module:
-        return build(self.metadata())
+    def build_model(self) -> nn.Module:
+        return models.build(self.metadata())
 
     def describe(self, model: nn.Module) -> dict:
         s = self.cfg.sr
-        return {"model": "srresnet", "scale": s.scale, "params": count_params(model),
+        return {"model": SRMeta.kind, "scale": s.scale, "params": models.count_params(model),
                 "patch": f"{s.hr_patch // s.scale}->{s.hr_patch}"}
 
-    def metadata(self) -> dict:
+    def metadata(self) -> SRMeta:
         s = self.cfg.sr
-        return {"model": "srresnet", "scale": s.scale, "channels": s.channels, "num_blocks": s.num_blocks}
+        return SRMeta(scale=s.scale, channels=s.channels, num_blocks=s.num_blocks)
 
     def loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
-        device = self.env.device
-        lr, hr = batch["lr"].to(device, non_blocking=True), batch["hr"].to(device, non_blocking=True)
-        if self.cfg.train.channels_last:
-            lr = lr.contiguous(memory_format=torch.channels_last)
+        lr, hr = loop.as_input(batch["lr"], self), batch["hr"].to(self.env.device, non_blocking=True)
         sr = model(lr).float()
         return F.mse_loss(sr, hr), {"train/psnr": (psnr(sr.detach(), hr).sum(), torch.tensor(len(hr)))}
 
@@ -126,17 +118,20 @@ class SRTask:
         lr = np.array([p[1] for p in pairs], np.float32).reshape(-1, 3, lr_side, lr_side)
         return torch.from_numpy(lr), torch.from_numpy(hr)
 
+    def eval_due(self, step: int) -> bool:
+        return loop.due(step, self.cfg.sr.eval_every_steps)
+
     @torch.no_grad()
     def evaluate(self, step: int, model: nn.Module, monitor: Monitor) -> None:
         """Mean PSNR of the EMA model and of bicubic upsampling; each rank scores its share, then one sum."""
         if self.val is None:
             self.val = self._val_pairs()
         lr_all, hr_all = self.val
-        chunk = self.cfg.train.micro_batch or self.cfg.train.global_batch // self.env.world_size
+        chunk = loop.micro_size(self)
         sums = torch.zeros(3, dtype=torch.float64)  # PSNR sums of SR and bicubic, image count
         shown = []
         for i in range(0, len(lr_all), chunk):
-            lr, hr = lr_all[i:i + chunk].to(self.env.device), hr_all[i:i + chunk].to(self.env.device)
+            lr, hr = loop.as_input(lr_all[i:i + chunk], self), hr_all[i:i + chunk].to(self.env.device)
             sr = model(lr).float()
             bicubic = F.interpolate(lr, scale_factor=self.cfg.sr.scale, mode="bicubic", align_corners=False)
             bicubic = bicubic.clamp(-1, 1)
@@ -153,7 +148,7 @@ class SRTask:
 
 @record
 def main(argv: list[str] | None = None) -> int:
-    return loop.launch(SRTask, __doc__, "python -m ddpdiff.train_sr", argv)
+    return loop.launch(SRTask, SRTrainerConfig, __doc__, "python -m ddpdiff.train_sr", argv)
 
 
 if __name__ == "__main__":

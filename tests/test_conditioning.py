@@ -4,8 +4,8 @@ that the same U-Net conditioned on nothing cannot."""
 import pytest
 import torch
 
-from ddpdiff import celeba, data, sample, shards, synthetic, train
-from ddpdiff.diffusion import Diffusion
+from ddpdiff import celeba, data, shards, synthetic, train
+from ddpdiff.pipeline import Pipeline
 
 from conftest import CONFIGS
 
@@ -52,18 +52,16 @@ def hat_gap(run_dir, shards_dir, t=NOISE_T, null=False) -> float:
     """Mean over val images of the hat redness of the EMA model's x0 prediction from x_t under the image's
     prompt with "wearing hat", minus the same under the prompt without it (same x_t, same noise).
     `null` swaps the null condition in for both prompts (a model ignoring its condition)."""
-    state, _ = sample.read_denoiser(run_dir)
-    model, cfg = sample.build_denoiser(state, "cpu")
-    encoder = sample.load_encoder(state["meta"], "cpu")
-    n = data.load_manifest(shards_dir)["splits"]["val"]["count"]
+    pipe = Pipeline.from_checkpoint(run_dir, "cpu")
+    model, diffusion = pipe.model, pipe.diffusion
+    n = data.split_count(data.load_manifest(shards_dir), "val")
     val = data.read_samples(shards_dir, split="val", n=n, tokens=False)
     attrs = [dict(zip(celeba.ATTRIBUTES, row.tolist())) for row in val["attrs"]]
     assert [celeba.prompt(a) for a in attrs] == val["prompt"]  # the rule the shards were written with
     with_hat = [celeba.prompt({**a, "Wearing_Hat": 1}) for a in attrs]
     without = [celeba.prompt({**a, "Wearing_Hat": 0}) for a in attrs]
-    cond = sample.encode(encoder, with_hat + without, cfg, "cpu")  # one batch: both halves padded alike
+    cond = pipe.encode(with_hat + without)  # one batch: both halves padded alike
 
-    diffusion = Diffusion(cfg.diffusion)
     tt = torch.full((n,), t)
     noise = torch.randn(val["image"].shape, generator=torch.Generator().manual_seed(0))
     x_t = diffusion.q_sample(val["image"], tt, noise)

@@ -8,10 +8,44 @@ from ddpdiff.config import ConfigError
 from conftest import CONFIGS
 
 
+def _root(path):
+    """The trainer a shipped config is for, by its name."""
+    for prefix, root in (("sr", config.SRTrainerConfig), ("classifier", config.ClassifierTrainerConfig)):
+        if path.name.startswith(prefix):
+            return root
+    return config.Config
+
+
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_loads(path):
-    cfg = config.load(path)
-    assert config.from_dict(config.to_dict(cfg)) == cfg
+    cfg = config.load(path, root=_root(path))
+    assert config.from_dict(config.to_dict(cfg), _root(path)) == cfg
+
+
+@pytest.mark.parametrize("root, own, others", [
+    (config.Config, {"model", "diffusion", "sample", "eval"}, {"sr", "classifier"}),
+    (config.SRTrainerConfig, {"sr"}, {"model", "diffusion", "sample", "eval", "classifier"}),
+    (config.ClassifierTrainerConfig, {"classifier"}, {"model", "diffusion", "sample", "eval", "sr"}),
+])
+def test_each_trainer_has_only_its_own_keys(root, own, others):
+    sections = {line.split()[0][2:].split(".")[0] for line in config.reference(root).splitlines()
+                if line.startswith("  --")}
+    assert sections == own | {"data", "train", "checkpoint", "log", "dist", "run"} and not sections & others
+    with pytest.raises(ConfigError, match="unknown config key"):
+        config.load(None, [f"--{sorted(others)[0]}.x", "1"], root=root)
+    assert ("--data.condition" in config.reference(root)) == (root is config.Config)
+    assert ("--train.cond_drop" in config.reference(root)) == (root is config.Config)
+
+
+def test_checkpoint_configs_of_the_former_single_config_still_load():
+    """A checkpoint written before each trainer had its own root holds every trainer's sections."""
+    former = config.to_dict(config.Config())
+    former.update(sr=config.to_dict(config.SRTrainerConfig())["sr"], classifier={"width": 8, "blocks": [1]})
+    assert config.from_dict(former) == config.Config()
+    sr = config.from_dict(former, config.SRTrainerConfig)
+    assert sr == config.SRTrainerConfig() and not hasattr(sr.data, "condition")
+    with pytest.raises(ConfigError, match="unknown config key 'train.nope'"):
+        config.from_dict({**former, "train": {"nope": 1}}, config.SRTrainerConfig)
 
 
 def test_celeba64_keeps_the_original_hyperparameters():

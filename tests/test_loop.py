@@ -2,6 +2,8 @@ import pytest
 
 from ddpdiff import config, loop
 
+from conftest import CONFIGS
+
 
 def test_lr_warmup_then_cosine_to_zero():
     t = config.TrainConfig(lr=1.0, warmup_steps=4, lr_schedule="cosine")
@@ -45,3 +47,20 @@ def test_loss_weights_make_the_ddp_average_the_global_batch_mean():
         rank_grads.append(grad)
     assert [share(10, 3, r) for r in range(3)] == [(0, 4), (4, 3), (7, 3)]
     torch.testing.assert_close(sum(rank_grads) / world, full)
+
+
+def test_weight_decay_skips_norms_biases_embeddings_and_null_conditions():
+    import torch
+
+    from ddpdiff import models
+
+    model = models.build_model(config.load(CONFIGS / "smoke.yaml").model, image_size=32, cond_dim=8, token_dim=8,
+                               null_tokens=torch.zeros(2, 8))
+    decayed, plain = loop.param_groups(model, 0.05)
+    assert decayed["weight_decay"] == 0.05 and plain["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed_names = {names[id(p)] for p in decayed["params"]}
+    plain_names = {names[id(p)] for p in plain["params"]}
+    assert decayed_names and all(n.endswith("weight") and "norm" not in n for n in decayed_names)
+    assert {"null", "input.bias"} <= plain_names and any("norm" in n for n in plain_names)
+    assert decayed_names | plain_names == set(names.values()) and not decayed_names & plain_names

@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 from ddpdiff import checkpoint, clip, sample, train, train_sr
+from ddpdiff.pipeline import Pipeline
 
 from conftest import CONFIGS
 
@@ -27,12 +28,13 @@ def sr_run(shards_dir, tmp_path_factory):
     """A 2-step x8 SRResNet run."""
     out = tmp_path_factory.mktemp("sr")
     assert train_sr.main(["--config", str(CONFIGS / "sr_smoke.yaml"), "--data.shards", str(shards_dir),
-                          "--run.dir", str(out), "--train.max_steps", "2", "--sample.every_steps", "0"]) == 0
+                          "--run.dir", str(out), "--train.max_steps", "2", "--sr.eval_every_steps", "0"]) == 0
     return out
 
 
-def _generate(run, **kw):
-    return sample.generate(run, PROMPTS, **{"num": 2, "steps": 3, "progress": False, **kw})
+def _generate(run, prompts=PROMPTS, ema=True, clip_pretrained=None, **kw):
+    pipe = Pipeline.from_checkpoint(run, "cpu", ema=ema, clip_pretrained=clip_pretrained)
+    return pipe.sample(prompts, **{"num": 2, "steps": 3, **kw})
 
 
 def _cli(run, out, *extra):
@@ -84,7 +86,7 @@ def test_images_do_not_depend_on_batch_size_and_are_prompt_major(run):
     whole = _generate(run, batch_size=4)
     assert whole.shape == (4, 3, 64, 64) and whole.min() >= -1 and whole.max() <= 1
     torch.testing.assert_close(_generate(run, batch_size=3), whole, atol=1e-4, rtol=0)
-    second = sample.generate(run, PROMPTS[1:], num=2, steps=3, progress=False)
+    second = _generate(run, PROMPTS[1:])
     assert not torch.allclose(second, whole[2:])  # prompt 1's noise is seeded by its index, not its position
     assert not torch.allclose(whole[0], whole[1])
 
@@ -129,7 +131,7 @@ def test_clip_weights_can_be_relocated_but_must_be_the_same(run, tmp_path, capsy
 @pytest.mark.parametrize("args, fragment", [
     (["--steps", "500"], "--steps 500 is outside 1..100"),
     (["--sampler", "ddpm", "--eta", "0.5"], "--eta must be >= 0 and applies to the ddim sampler only"),
-    (["--num", "0"], "--num and --batch-size must be >= 1"),
+    (["--num", "0"], "--num, --batch-size and --sr-batch-size must be >= 1"),
 ])
 def test_bad_arguments_exit_2_with_one_line(run, tmp_path, capsys, args, fragment):
     assert _cli(run, tmp_path / "out", *args) == 2

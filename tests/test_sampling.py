@@ -5,7 +5,8 @@ import torch
 
 from ddpdiff.config import DiffusionConfig
 from ddpdiff.diffusion import TARGETS, Diffusion
-from ddpdiff.sampling import ddim_sample, ddim_step, ddpm_sample, ddpm_step, respaced, sample
+from ddpdiff.sampling import (ddim_sample, ddim_step, ddpm_sample, ddpm_step, gaussian, generate, image_seed,
+                              per_image, respaced)
 
 T = 100
 
@@ -72,7 +73,7 @@ def test_ddpm_with_an_oracle_recovers_x0(steps):
     diff = make()
     x0 = clean_images(dtype=torch.float64)
     x_T = torch.randn(x0.shape, dtype=torch.float64)
-    out = ddpm_sample(oracle(diff, x0), diff, x_T, steps=steps, generator=torch.Generator().manual_seed(0))
+    out = ddpm_sample(oracle(diff, x0), diff, x_T, steps=steps, noise=gaussian(torch.Generator().manual_seed(0)))
     torch.testing.assert_close(out, x0, atol=1e-9, rtol=0)
 
 
@@ -118,10 +119,10 @@ def affine_denoiser(x_t, t, cond):
 def test_ddim_with_eta_one_is_ancestral_ddpm(steps):
     diff = make()
     x_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-    a = ddpm_sample(affine_denoiser, diff, x_T, steps=steps, generator=torch.Generator().manual_seed(5))
-    b = ddim_sample(affine_denoiser, diff, x_T, steps=steps, eta=1.0, generator=torch.Generator().manual_seed(5))
+    a = ddpm_sample(affine_denoiser, diff, x_T, steps=steps, noise=gaussian(torch.Generator().manual_seed(5)))
+    b = ddim_sample(affine_denoiser, diff, x_T, steps=steps, eta=1.0, noise=gaussian(torch.Generator().manual_seed(5)))
     torch.testing.assert_close(a, b)
-    c = ddim_sample(affine_denoiser, diff, x_T, steps=steps, eta=0.0, generator=torch.Generator().manual_seed(5))
+    c = ddim_sample(affine_denoiser, diff, x_T, steps=steps, eta=0.0, noise=gaussian(torch.Generator().manual_seed(5)))
     assert not torch.allclose(a, c)
 
 
@@ -143,7 +144,7 @@ def test_guidance_mixes_both_predictions_in_one_batched_forward():
     diff = make()
     cond = {"pooled": torch.tensor([[0.2, -0.1, 0.4], [0.0, 0.3, -0.2]])}
     model = RecordingModel()
-    x_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    x_T = per_image([0, 1])((2, 3, 8, 8))
 
     def reference(x, t, c):
         u = model(x, t, c, torch.ones(2, dtype=torch.bool))
@@ -151,7 +152,7 @@ def test_guidance_mixes_both_predictions_in_one_batched_forward():
 
     expected = ddim_sample(reference, diff, x_T, cond, steps=5)
     model.calls.clear()
-    got = sample(model, cond, (2, 3, 8, 8), diff, steps=5, guidance=3.0, generator=torch.Generator().manual_seed(0))
+    got = generate(model, diff, cond, [0, 1], (3, 8, 8), steps=5, guidance=3.0)
     torch.testing.assert_close(got, expected.clamp(-1, 1))
     assert len(model.calls) == 5
     assert all(n == 4 and drop.tolist() == [False, False, True, True] for n, drop in model.calls)
@@ -160,7 +161,7 @@ def test_guidance_mixes_both_predictions_in_one_batched_forward():
 @pytest.mark.parametrize("guidance, dropped", [(1.0, False), (0.0, True)])
 def test_guidance_one_and_zero_take_a_single_plain_forward(guidance, dropped):
     model = RecordingModel()
-    sample(model, {"pooled": torch.zeros(2, 3)}, (2, 3, 8, 8), make(), steps=3, guidance=guidance)
+    generate(model, make(), {"pooled": torch.zeros(2, 3)}, [0, 1], (3, 8, 8), steps=3, guidance=guidance)
     assert len(model.calls) == 3
     assert all(n == 2 and drop.tolist() == [dropped, dropped] for n, drop in model.calls)
 
@@ -168,16 +169,26 @@ def test_guidance_one_and_zero_take_a_single_plain_forward(guidance, dropped):
 @pytest.mark.parametrize("sampler, eta", [("ddpm", 0.0), ("ddim", 0.0), ("ddim", 0.7)])
 def test_the_same_seed_gives_the_same_images(sampler, eta):
     model, diff, cond = RecordingModel(), make(), {"pooled": torch.zeros(2, 3)}
-    run = lambda seed: sample(model, cond, (2, 3, 8, 8), diff, sampler=sampler, steps=6, eta=eta, guidance=2.0,
-                              generator=torch.Generator().manual_seed(seed))
-    a, b, c = run(0), run(0), run(1)
+
+    def run(seeds, batch_size=2):
+        return generate(model, diff, cond, seeds, (3, 8, 8), sampler=sampler, steps=6, eta=eta, guidance=2.0,
+                        batch_size=batch_size)
+    a, b, c = run([0, 1]), run([0, 1]), run([1, 2])
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert a.shape == (2, 3, 8, 8) and a.min() >= -1 and a.max() <= 1
+    # An image's noise, initial and later, is its seed's alone: not its batch's, not its neighbour's.
+    torch.testing.assert_close(run([0, 1], batch_size=1), a, atol=1e-6, rtol=0)
+    torch.testing.assert_close(run([5, 1])[1], a[1], atol=1e-6, rtol=0)
+
+
+def test_image_seeds_differ_by_seed_prompt_and_sample():
+    seeds = {image_seed(s, p, i) for s in range(3) for p in range(4) for i in range(5)}
+    assert len(seeds) == 60 and image_seed(1, 2, 3) == image_seed(1, 2, 3)
 
 
 def test_sample_rejects_unknown_samplers_and_eta_for_ddpm():
     model, diff, cond = RecordingModel(), make(), {"pooled": torch.zeros(1, 3)}
-    with pytest.raises(ValueError, match="unknown sampler 'euler'"):
-        sample(model, cond, (1, 3, 4, 4), diff, sampler="euler")
+    with pytest.raises(ValueError, match="--sampler 'euler' is not one of ddpm, ddim"):
+        generate(model, diff, cond, [0], (3, 4, 4), sampler="euler")
     with pytest.raises(ValueError, match="ddim sampler only"):
-        sample(model, cond, (1, 3, 4, 4), diff, sampler="ddpm", eta=0.5)
+        generate(model, diff, cond, [0], (3, 4, 4), sampler="ddpm", eta=0.5)

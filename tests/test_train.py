@@ -1,5 +1,7 @@
 """The training entrypoint, in-process and as real multi-process DDP (torchrun + gloo on the CPU)."""
 
+import dataclasses
+import json
 import os
 import signal
 import subprocess
@@ -9,8 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 
-from ddpdiff import checkpoint, train
+from ddpdiff import checkpoint, config, data, dist, loop, train, train_classifier
+from ddpdiff.celeba import ATTRIBUTES
+from ddpdiff.models import DenoiserMeta
+from ddpdiff.pipeline import Pipeline
 
 from conftest import CONFIGS
 
@@ -85,8 +91,9 @@ def test_single_process_run_writes_config_checkpoints_and_tensorboard(shards_dir
     names = [p.name for p in checkpoint.candidates(run)]
     assert names == ["step_00000006.pt", "step_00000003.pt"]  # every 3 steps, keep 2
     state = torch.load(run / "checkpoints" / names[0], weights_only=True)
-    assert {"model", "ema", "optimizer", "step", "epoch", "config", "batch", "scaler", "rng"} <= state.keys()
-    assert state["config"]["train"]["max_steps"] == 6
+    assert state.keys() == {"model", "ema", "optimizer", "step", "epoch", "config", "batch", "scaler",
+                            "samples_seen", "meta"}
+    assert state["config"]["train"]["max_steps"] == 6 and "sr" not in state["config"]
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -99,6 +106,7 @@ def test_single_process_run_writes_config_checkpoints_and_tensorboard(shards_dir
     assert all(torch.isfinite(torch.tensor(e.value)) for e in events.Scalars("train/loss"))
     assert {"samples/ema", "samples/real"} <= set(tags["images"])
     assert [e.step for e in events.Images("samples/ema")] == [0, 3, 6]
+    assert sorted(p.name for p in (run / "samples").iterdir()) == [f"step_0000000{s}.png" for s in (0, 3, 6)]
 
 
 def test_finished_run_started_again_does_nothing_more(shards_dir, tmp_path, capsys):
@@ -275,3 +283,125 @@ def test_non_finite_losses_are_skipped_then_stop_the_run_with_finite_checkpoints
     for path in saved:
         state = torch.load(path, weights_only=True)
         assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point()), path
+
+
+@pytest.fixture(scope="module")
+def diffusion_run(shards_dir, tmp_path_factory):
+    """A 2-step smoke diffusion run."""
+    out = tmp_path_factory.mktemp("diffusion")
+    assert train.main(_args(shards_dir, out, "--train.max_steps", 2)) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def classifier_run(shards_dir, tmp_path_factory):
+    """A 4-step smoke attribute classifier."""
+    out = tmp_path_factory.mktemp("classifier")
+    assert train_classifier.main(["--config", str(CONFIGS / "classifier_smoke.yaml"), "--data.shards",
+                                  str(shards_dir), "--run.dir", str(out), "--classifier.eval_every_steps", "0"]) == 0
+    return out
+
+
+def test_evaluation_comes_due_at_either_cadence(shards_dir):
+    cfg = config.load(CONFIGS / "smoke.yaml", ["--data.shards", str(shards_dir), "--sample.every_steps", "4",
+                                               "--eval.every_steps", "6"])
+    task = train.DiffusionTask(cfg, dist.Env())
+    assert [s for s in range(13) if task.eval_due(s)] == [0, 4, 6, 8, 12]
+
+
+def test_in_training_config_problems_are_collected(shards_dir, tmp_path):
+    cfg = config.load(CONFIGS / "smoke.yaml", ["--data.shards", str(shards_dir)])
+    assert train.eval_problems(cfg, 2, data.load_manifest(shards_dir)) == []  # off
+    cfg.eval = dataclasses.replace(cfg.eval, every_steps=5, metrics=["attr_acc", "psnr"], num=1, steps=500,
+                                   classifier=str(tmp_path / "nope"), inception=str(tmp_path / "none.pt"))
+    found = train.eval_problems(cfg, 2, data.load_manifest(shards_dir))
+    assert any("eval.metrics" in p and "psnr" in p for p in found)
+    assert any("eval.num 1 is less than the world size 2" in p for p in found)
+    assert any("eval.steps 500 is outside 1..100" in p for p in found)
+    assert any(p.startswith("eval.classifier:") and "nope" in p for p in found)
+    assert any(p.startswith("eval.inception:") and "none.pt" in p for p in found)
+
+
+class Recorder:
+    """A Monitor that keeps what it is given."""
+
+    def __init__(self):
+        self.values, self.console = {}, []
+
+    def scalars(self, step, values, console=True):
+        self.values.update(values)
+        if console:
+            self.console.append(values)
+
+
+def _training_eval(run, classifier_run, num, env):
+    """The in-training evaluation of a finished run's config with eval switched on, and its EMA pipeline."""
+    state, meta, _ = checkpoint.read(run, DenoiserMeta)
+    cfg = config.from_dict(state["config"])
+    cfg.eval = dataclasses.replace(cfg.eval, every_steps=2, num=num, steps=2, metrics=["attr_acc", "clip_score"],
+                                   classifier=str(classifier_run))
+    return train.TrainingEval(cfg, meta, env, batch_size=2), Pipeline.from_checkpoint(run, "cpu", encoder=False)
+
+
+def test_training_hook_evaluates_every_n_steps_on_one_process(diffusion_run, classifier_run):
+    hook, pipe = _training_eval(diffusion_run, classifier_run, 3, dist.Env())
+    recorder = Recorder()
+    report = hook(4, pipe, recorder)
+    assert report["attr_acc"]["num"] == 3 and report["clip_score"]["num"] == 3
+    assert set(recorder.console[0]) == {"eval/attr_acc", "eval/attr_acc_real", "eval/clip_score",
+                                        "eval/clip_score_real"}
+    assert {f"eval/attr_acc/{name}" for name in ATTRIBUTES} <= set(recorder.values)
+    assert recorder.values["eval/clip_score"] == report["clip_score"]["samples"]
+
+
+def _rank_worker(rank, world, port, run, classifier_run, out):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    env = dist.init(60)
+    try:
+        hook, pipe = _training_eval(run, classifier_run, 3, env)
+        report = hook(2, pipe, Recorder())
+        (out / f"rank{rank}.json").write_text(json.dumps(report))
+    finally:
+        dist.cleanup()
+
+
+@pytest.mark.slow
+def test_two_ranks_split_the_samples_and_gather_the_same_report(diffusion_run, classifier_run, tmp_path):
+    mp.spawn(_rank_worker, args=(2, 31500 + os.getpid() % 1000, diffusion_run, classifier_run, tmp_path), nprocs=2)
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
+    assert r0 == r1  # every rank holds the gathered result
+    assert r0["attr_acc"]["num"] == r0["clip_score"]["num"] == 3  # 2 samples on rank 0, 1 on rank 1
+    hook, pipe = _training_eval(diffusion_run, classifier_run, 3, dist.Env())
+    single = hook(2, pipe, Recorder())
+    assert r0["attr_acc"]["real_mean"] == pytest.approx(single["attr_acc"]["real_mean"], abs=1e-12)
+    assert r0["clip_score"]["real"] == pytest.approx(single["clip_score"]["real"], abs=1e-6)
+
+
+
+
+def test_checkpoints_of_the_former_layout_still_load_and_resume(shards_dir, tmp_path, monkeypatch):
+    """Before each trainer had its own config root, checkpoints held every trainer's sections, an unread
+    "rng" entry and one optimizer parameter group for all parameters."""
+    run = tmp_path / "old"
+    with monkeypatch.context() as m:
+        m.setattr(loop, "param_groups", lambda model, wd: [{"params": list(model.parameters()), "weight_decay": wd}])
+        assert train.main(_args(shards_dir, run, "--train.max_steps", 3)) == 0
+    state = _final(run)
+    assert len(state["optimizer"]["param_groups"]) == 1
+    state["config"].update(sr={"scale": 8, "channels": 64, "num_blocks": 16, "hr_patch": 128, "eval_images": 64},
+                           classifier={"width": 32, "blocks": [2, 2, 2, 2]})
+    state["rng"] = {"seed": 0, "torch": torch.get_rng_state(), "cuda": []}
+    checkpoint.save(run, 3, state, keep=2)
+
+    pipe = Pipeline.from_checkpoint(run, "cpu")
+    assert pipe.step == 3 and pipe.sample(["Photo of person smiling."], steps=2).shape == (1, 3, 64, 64)
+
+    task = train.DiffusionTask(config.load(SMOKE, ["--data.shards", str(shards_dir)]), dist.Env())
+    tr = loop.setup(task)
+    tr.load_state_dict(state)
+    assert len(tr.optimizer.param_groups) == 2
+    for i, p in enumerate(tr.model.parameters()):  # the former state, parameter by parameter
+        assert torch.equal(tr.optimizer.state[p]["exp_avg_sq"], state["optimizer"]["state"][i]["exp_avg_sq"])
+    assert train.main(_args(shards_dir, run, "--train.max_steps", 5)) == 0 and _final(run)["step"] == 5

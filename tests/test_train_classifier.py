@@ -4,7 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from ddpdiff import checkpoint, train_classifier
+from ddpdiff import checkpoint, metrics, train_classifier
+from ddpdiff.checkpoint import CheckpointError
+from ddpdiff.models import MetaError
 from ddpdiff.celeba import ATTRIBUTES
 from ddpdiff.models.classifier import AttributeResNet
 
@@ -41,8 +43,8 @@ def test_smoke_run_logs_val_accuracy_and_saves_a_loadable_classifier(shards_dir,
     state = checkpoint.load(checkpoint.resolve(run))
     assert state["meta"] == {"model": "attr_resnet", "width": 8, "blocks": [1, 1], "image_size": 64,
                              "attributes": list(ATTRIBUTES)}
-    model, meta = train_classifier.load(run)
-    assert meta == state["meta"] and not model.training
+    model, meta = metrics.load_classifier(run)
+    assert meta.to_dict() == state["meta"] and not model.training
     assert all(torch.equal(p, state["ema"][k]) for k, p in model.state_dict().items())
     acc, tags = _scalars(run, "eval/acc_mean")
     assert sorted(acc) == [0, 2, 4] and all(0 <= a <= 1 for a in acc.values())
@@ -60,30 +62,7 @@ def test_config_problems_are_reported_together(shards_dir, tmp_path, capsys):
 def test_loading_something_else_is_a_one_line_error(tmp_path):
     path = tmp_path / "sr.pt"
     torch.save({"meta": {"model": "srresnet"}, "ema": {}}, path)
-    with pytest.raises(train_classifier.ClassifierError, match=r"sr.pt: not an attribute classifier checkpoint"):
-        train_classifier.load(path)
-    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
-        train_classifier.load(tmp_path / "missing")
-
-
-class Reader(nn.Module):
-    """A 'classifier' that reads the attributes back from the first row of red pixels (+1 present, -1 absent)."""
-
-    def __init__(self, sign: float = 1.0):
-        super().__init__()
-        self.sign = nn.Parameter(torch.tensor(sign))
-
-    def forward(self, x):
-        return self.sign * x[:, 0, 0, :40]
-
-
-def test_hits_count_agreement_per_image_and_attribute():
-    attrs = (torch.rand(7, 40) < 0.5).float()
-    images = torch.zeros(7, 3, 40, 40)
-    images[:, 0, 0, :] = attrs * 2 - 1
-    assert torch.equal(train_classifier.hits(Reader(), images, attrs, batch_size=3), torch.ones(7, 40))
-    assert torch.equal(train_classifier.hits(Reader(-1.0), images, attrs, batch_size=3), torch.zeros(7, 40))
-    flipped = attrs.clone()
-    flipped[:, 5] = 1 - flipped[:, 5]
-    agree = train_classifier.hits(Reader(), images, flipped)
-    assert agree[:, 5].sum() == 0 and agree.sum() == 7 * 39
+    with pytest.raises(MetaError, match=r"sr.pt: not an attribute classifier checkpoint, it holds an SRResNet"):
+        metrics.load_classifier(path)
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        metrics.load_classifier(tmp_path / "missing")

@@ -9,6 +9,8 @@ import pytest
 from PIL import Image
 
 from ddpdiff import checkpoint, config, dist, train_sr
+from ddpdiff.models import SRMeta
+from ddpdiff.pipeline import load_network
 
 from conftest import CONFIGS
 
@@ -49,7 +51,7 @@ def test_smoke_run_logs_psnr_against_bicubic_and_checkpoints_the_network(shards_
     assert "model=srresnet scale=8" in out and "psnr_sr=" in out and "psnr_bicubic=" in out
     state = checkpoint.load(checkpoint.resolve(run))
     assert state["meta"] == {"model": "srresnet", "scale": 8, "channels": 16, "num_blocks": 2}
-    train_sr.build(state["meta"]).load_state_dict(state["ema"])  # strict: the same network
+    load_network(run, SRMeta)  # strict: the same network
     psnr_sr, tags = _scalars(run, "eval/psnr_sr")
     psnr_bicubic, _ = _scalars(run, "eval/psnr_bicubic")
     assert sorted(psnr_sr) == sorted(psnr_bicubic) == [0, 2, 4]
@@ -71,7 +73,7 @@ def test_config_problems_are_reported_together(shards_dir, tmp_path, capsys):
 def test_training_beats_bicubic_on_the_val_split(shards_dir, tmp_path):
     run = tmp_path / "sr"
     assert train_sr.main(_args(shards_dir, run, "--sr.scale", 4, "--train.max_steps", 250, "--train.lr", 3e-3,
-                               "--train.ema_decay", 0.9, "--sample.every_steps", 250,
+                               "--train.ema_decay", 0.9, "--sr.eval_every_steps", 250,
                                "--checkpoint.every_steps", 250)) == 0
     psnr_sr, _ = _scalars(run, "eval/psnr_sr")
     psnr_bicubic, _ = _scalars(run, "eval/psnr_bicubic")
@@ -103,10 +105,9 @@ def test_two_rank_run_splits_evaluation_and_matches_one_process(shards_dir, tmp_
     assert "world_size=2" in proc.stdout and proc.stdout.count("psnr_sr=") == 3  # rank 0 alone prints
 
     state, _ = checkpoint.load_latest(run)
-    cfg = config.from_dict(state["config"])
-    model = train_sr.build(state["meta"])
-    model.load_state_dict(state["ema"])
+    cfg = config.from_dict(state["config"], config.SRTrainerConfig)
+    model, _, _ = load_network(run, SRMeta, "cpu")
     recorder = _Recorder()
-    train_sr.SRTask(cfg, dist.Env()).evaluate(4, model.eval(), recorder)
+    train_sr.SRTask(cfg, dist.Env()).evaluate(4, model, recorder)
     logged, _ = _scalars(run, "eval/psnr_sr")
     assert recorder.values["eval/psnr_sr"] == pytest.approx(logged[4], abs=1e-4)

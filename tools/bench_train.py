@@ -42,7 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ddpdiff import celeba, config, dist, loop  # noqa: E402
 from ddpdiff.config import Config, ConfigError  # noqa: E402
-from ddpdiff.data import DataError  # noqa: E402
+from ddpdiff.errors import cli  # noqa: E402
 from ddpdiff.models import count_params, flops_per_image  # noqa: E402
 from ddpdiff.train import DiffusionTask  # noqa: E402
 
@@ -74,10 +74,10 @@ class SyntheticTask(DiffusionTask):
         super().__init__(cfg, env)
         self.args = args
 
-    def loader(self, cfg: Config, env: dist.Env) -> SyntheticLoader:
+    def loader(self) -> SyntheticLoader:
         a, clip = self.args, self.manifest["clip"]
-        return SyntheticLoader(cfg.train.global_batch, self.manifest["image_size"], clip["dim"], clip["token_dim"],
-                               a.tokens, a.warmup + a.steps)
+        return SyntheticLoader(self.cfg.train.global_batch, self.manifest["image_size"], clip["dim"],
+                               clip["token_dim"], a.tokens, a.warmup + a.steps)
 
 
 def synthetic_manifest(out: Path, args: argparse.Namespace) -> Path:
@@ -104,12 +104,12 @@ def max_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def measure(cfg: Config, env: dist.Env, task: DiffusionTask, loader, steps: int, warmup: int) -> dict:
+def measure(task: DiffusionTask, loader, steps: int, warmup: int) -> dict:
     """Median step time and peak memory of `steps` training steps after `warmup` untimed ones."""
-    t, device = cfg.train, env.device
-    cuda = device.type == "cuda"
-    tr = loop.setup(cfg, task, env)
-    loop.wrap(tr, cfg, env)
+    t = task.cfg.train
+    cuda = task.env.device.type == "cuda"
+    tr = loop.setup(task)
+    loop.wrap(tr, task)
 
     # The steps: the loop's own backward and update for one rank (no DDP, no logging, no checkpoints).
     times, nonfinite, stats = [], 0, {}
@@ -122,9 +122,10 @@ def measure(cfg: Config, env: dist.Env, task: DiffusionTask, loader, steps: int,
             torch.cuda.synchronize()
         start = time.perf_counter()
         _, _, batch = next(data)
-        losses, grad_norm = loop.backward(tr, cfg, env, task, batch, step, stats)
+        tr.step = step
+        losses, grad_norm = loop.backward(tr, task, batch, stats)
         finite = bool(torch.isfinite(losses).all()) and bool(torch.isfinite(grad_norm))
-        loop.update(tr, step, apply=finite)
+        loop.update(tr, apply=finite)
         nonfinite += not finite
         if cuda:
             torch.cuda.synchronize()
@@ -146,6 +147,7 @@ def measure(cfg: Config, env: dist.Env, task: DiffusionTask, loader, steps: int,
     return result
 
 
+@cli("bench_train")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML file from jobs/configs/")
@@ -168,10 +170,7 @@ def main(argv: list[str] | None = None) -> int:
                              "prompt under ViT-B-32's tokenizer: 36)")
     parser.add_argument("--json", type=Path, help="also write the JSON result here")
     args, rest = parser.parse_known_args(argv)
-    try:
-        cfg = config.load(args.config, rest)
-    except ConfigError as e:
-        parser.exit(2, f"{parser.prog}: error: {e}\n")
+    cfg = config.load(args.config, rest)
     if args.steps < 1 or args.warmup < 0:
         parser.exit(2, f"{parser.prog}: error: --steps must be >= 1 and --warmup >= 0\n")
     t = cfg.train
@@ -191,8 +190,8 @@ def main(argv: list[str] | None = None) -> int:
                 task = SyntheticTask(cfg, env, args)
             else:
                 task = DiffusionTask(cfg, env)
-            loader = loop.checked_loader(cfg, env, task)
-            model = task.build_model(cfg)
+            loader = loop.checked_loader(task)
+            model = task.build_model()
             params = count_params(model)
             flops = flops_per_image(model, task.manifest["image_size"], args.tokens)
             del model
@@ -213,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
             for checkpointing in variants:
                 t.grad_checkpointing = checkpointing
                 try:
-                    r = measure(cfg, env, task, loader, args.steps, args.warmup)
+                    r = measure(task, loader, args.steps, args.warmup)
                 except torch.cuda.OutOfMemoryError:
                     gc.collect()
                     torch.cuda.empty_cache()
@@ -237,9 +236,6 @@ def main(argv: list[str] | None = None) -> int:
                                        "time_cost": on["step_s_median"] / off["step_s_median"] - 1}
             dist.print0(f"  grad checkpointing saves {100 * report['checkpointing']['memory_saving']:.1f}% of "
                         f"{mem} and costs {100 * report['checkpointing']['time_cost']:+.1f}% step time", file=sys.stderr)
-    except (ConfigError, DataError) as e:
-        print(f"bench_train: error: {e}", file=sys.stderr, flush=True)
-        return 2
     finally:
         dist.cleanup()
     text = json.dumps(report, indent=1)

@@ -16,7 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ddpdiff import celeba, clip, shards  # noqa: E402
+from ddpdiff import celeba, shards  # noqa: E402
+from ddpdiff.errors import cli  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -62,21 +63,18 @@ def summary(manifest: dict) -> str:
     return "\n".join(lines)
 
 
+@cli("make_shards")
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        if args.merge:
-            print(summary(shards.merge(args.merge)))
-            return 0
-        result = shards.write_shards(
-            args.root, args.out, image_size=args.image_size, samples_per_shard=args.samples_per_shard,
-            clip_model=args.clip_model, clip_pretrained=args.clip_pretrained, tokens=args.tokens,
-            device=args.device, workers=args.workers, clip_batch_size=args.clip_batch_size, resume=args.resume,
-            overwrite=args.overwrite, num_tasks=args.num_tasks, task_index=args.task_index,
-            progress=args.progress)
-    except (celeba.AnnotationError, clip.ClipError, shards.ShardError) as e:
-        print(f"make_shards: error: {e}", file=sys.stderr)
-        return 2
+    if args.merge:
+        print(summary(shards.merge(args.merge)))
+        return 0
+    result = shards.write_shards(
+        args.root, args.out, image_size=args.image_size, samples_per_shard=args.samples_per_shard,
+        clip_model=args.clip_model, clip_pretrained=args.clip_pretrained, tokens=args.tokens,
+        device=args.device, workers=args.workers, clip_batch_size=args.clip_batch_size, resume=args.resume,
+        overwrite=args.overwrite, num_tasks=args.num_tasks, task_index=args.task_index,
+        progress=args.progress)
     if args.num_tasks == 1:
         print(summary(result))
     else:

@@ -6,6 +6,6 @@ checks `manifest.json`. Errors are `DataError`, with a one-line message naming t
 """
 
 from .loader import Loader, read_samples, share
-from .manifest import DataError, load_manifest
+from .manifest import DataError, load_manifest, split_count
 
-__all__ = ["DataError", "Loader", "load_manifest", "read_samples", "share"]
+__all__ = ["DataError", "Loader", "load_manifest", "read_samples", "share", "split_count"]

@@ -6,10 +6,12 @@ import json
 import os
 from pathlib import Path
 
+from ..errors import UsageError
+
 FORMAT = "ddpdiff-shards"
 
 
-class DataError(ValueError):
+class DataError(UsageError):
     """Shards or arguments the pipeline cannot use; the message is one line naming the file or field."""
 
 
@@ -62,6 +64,11 @@ def _positive_int(v) -> bool:
 
 def _count(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def split_count(manifest: dict, split: str) -> int:
+    """Samples in a split of the shards (0 when the split is absent)."""
+    return manifest["splits"].get(split, {}).get("count", 0)
 
 
 def use_tokens(manifest: dict, tokens: bool | None, shards_dir: str | os.PathLike) -> bool:

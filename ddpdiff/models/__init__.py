@@ -1,4 +1,5 @@
-"""The denoiser registry and the helpers that size a model: parameter count and FLOPs per image."""
+"""Every network ddpdiff trains, built from its config or from a checkpoint's typed metadata; the denoiser
+registry; the helpers that size a model (parameter count, FLOPs per image)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,22 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..config import ModelConfig
+from .classifier import AttributeResNet
+from .meta import ClassifierMeta, DenoiserMeta, Meta, MetaError, SRMeta
 from .srresnet import SRResNet
 from .unet import UNet
 from .unet_classic import UNetClassic
 
 MODELS: dict[str, type[nn.Module]] = {"unet": UNet, "unet_classic": UNetClassic}
 
-__all__ = ["MODELS", "SRResNet", "build_model", "count_params", "example_inputs", "flop_counts", "flops_per_image"]
+__all__ = ["MODELS", "AttributeResNet", "ClassifierMeta", "DenoiserMeta", "Meta", "MetaError", "SRMeta", "SRResNet",
+           "build", "build_denoiser", "build_model", "count_params", "denoiser_problems", "example_inputs",
+           "flop_counts", "flops_per_image", "uses_tokens"]
+
+
+def uses_tokens(model_cfg: ModelConfig) -> bool:
+    """Whether the configured denoiser reads per-token text states (only `unet` has cross-attention)."""
+    return model_cfg.name == "unet" and model_cfg.cond != "pooled"
 
 
 def build_model(model_cfg: ModelConfig, image_size: int, cond_dim: int, token_dim: int | None = None,
@@ -31,6 +41,34 @@ def build_model(model_cfg: ModelConfig, image_size: int, cond_dim: int, token_di
         raise ValueError(f"unknown model {model_cfg.name!r} (known: {', '.join(MODELS)})")
     return MODELS[model_cfg.name](model_cfg, image_size=image_size, cond_dim=cond_dim, token_dim=token_dim,
                                   null_tokens=null_tokens, timesteps=timesteps)
+
+
+def build_denoiser(model_cfg: ModelConfig, timesteps: int, meta: DenoiserMeta) -> nn.Module:
+    """The denoiser `model_cfg` names, sized for the shards `meta` describes (CLIP widths, image size, the empty
+    prompt's token states as the null context)."""
+    tokens = uses_tokens(model_cfg)
+    null_tokens = torch.tensor(meta.empty_prompt["tokens"], dtype=torch.float32) if tokens else None
+    return build_model(model_cfg, image_size=meta.image_size, cond_dim=meta.clip["dim"],
+                       token_dim=meta.clip["token_dim"] if tokens else None, null_tokens=null_tokens,
+                       timesteps=timesteps)
+
+
+def denoiser_problems(model_cfg: ModelConfig, timesteps: int, meta: DenoiserMeta) -> list[str]:
+    """The model's own checks of its config (attention at sizes it does not have, heads that do not divide the
+    width, …), run by building it on the meta device: no memory, no time, the same rules."""
+    try:
+        with torch.device("meta"):
+            build_denoiser(model_cfg, timesteps, meta)
+    except ValueError as e:
+        return [str(e)]
+    return []
+
+
+def build(meta: SRMeta | ClassifierMeta) -> nn.Module:
+    """The upsampler or attribute classifier a checkpoint's meta describes."""
+    if isinstance(meta, SRMeta):
+        return SRResNet(scale=meta.scale, channels=meta.channels, num_blocks=meta.num_blocks)
+    return AttributeResNet(width=meta.width, blocks=tuple(meta.blocks), num_attributes=len(meta.attributes))
 
 
 def count_params(model: nn.Module) -> int:

@@ -1,0 +1,239 @@
+"""Does the text condition work? Attribute accuracy, CLIP score and FID of generated images, each beside the
+same figure for real val images (the ceiling a perfect model would reach), summed over ranks.
+
+Sample i (of `num`) has the prompt, stored embeddings and attributes of val image i mod len(val):
+  attr_acc    agreement of an attribute classifier (python -m ddpdiff.train_classifier) with the
+              attributes each prompt names or leaves out, per attribute and the mean over `attributes`;
+  clip_score  cosine between the CLIP image embedding of each image (through CLIP's own preprocessing)
+              and its prompt's text embedding, with the CLIP model the checkpoint names;
+  fid         Fréchet Inception distance between the samples and the first `num` val images; needs local
+              Inception weights (see ddpdiff/fid.py).
+A metric whose inputs are missing is skipped with a message saying how to provide them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from . import clip, data, dist, fid, synthetic
+from .celeba import ATTRIBUTES
+from .errors import UsageError
+from .images import as_saved, to_pil
+from .models import ClassifierMeta, DenoiserMeta
+from .pipeline import load_network
+
+METRICS = ("attr_acc", "clip_score", "fid")
+TRAIN_CLASSIFIER_HINT = ("attr_acc skipped: no attribute classifier; train one with `torchrun -m "
+                         "ddpdiff.train_classifier --config jobs/configs/classifier.yaml` and pass its run "
+                         "directory as --classifier (eval.classifier during training)")
+
+
+class EvalError(UsageError):
+    """An argument or input evaluation cannot use; the message is one line naming it."""
+
+
+def parse_metrics(metrics: str | Iterable[str]) -> list[str]:
+    """Metric names from a list or a comma-separated string, checked against METRICS."""
+    names = [m.strip() for m in (metrics.split(",") if isinstance(metrics, str) else metrics) if m.strip()]
+    unknown = [m for m in names if m not in METRICS]
+    if unknown or not names:
+        raise EvalError(f"--metrics: unknown or no metrics {unknown or names} (known: {', '.join(METRICS)})")
+    return list(dict.fromkeys(names))
+
+
+def parse_attributes(attributes: str | Iterable[str] | None) -> list[str]:
+    """Attribute names from a list or comma-separated string; None means all 40, 'visible' synthetic.VISIBLE."""
+    if attributes is None:
+        return list(ATTRIBUTES)
+    if isinstance(attributes, str):
+        attributes = list(synthetic.VISIBLE) if attributes == "visible" else attributes.split(",")
+    names = [a.strip() for a in attributes if a.strip()]
+    unknown = [a for a in names if a not in ATTRIBUTES]
+    if unknown or not names:
+        raise EvalError(f"--attributes: unknown or no attribute names {unknown or names} (CelebA names such as "
+                        "Smiling,Eyeglasses, or 'visible' for the synthetic data's drawn ones)")
+    return list(dict.fromkeys(names))
+
+
+def load_classifier(path: str | Path, device: str | torch.device | None = None) -> tuple[nn.Module, ClassifierMeta]:
+    """The EMA attribute classifier of a train_classifier run directory or checkpoint, and its meta."""
+    model, meta, _ = load_network(path, ClassifierMeta, device)
+    if list(meta.attributes) != list(ATTRIBUTES):
+        raise EvalError(f"{path}: the classifier predicts other attributes than the 40 CelebA ones")
+    return model, meta
+
+
+@torch.no_grad()
+def attribute_hits(model: nn.Module, images: torch.Tensor, attrs: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Where the classifier agrees with the 0/1 attributes: [N, 40] float, 1.0 = agrees."""
+    device = next(model.parameters()).device
+    out = [(model(images[i:i + batch_size].to(device)).float() > 0).cpu()
+           for i in range(0, len(images), batch_size)]
+    predicted = torch.cat(out) if out else torch.zeros(0, attrs.shape[1], dtype=torch.bool)
+    return (predicted == attrs.bool()).float()
+
+
+def clip_scores(encoder: clip.Encoder, images: torch.Tensor, text_emb: np.ndarray, batch_size: int = 64,
+                progress: bool = False) -> torch.Tensor:
+    """Cosine between each image's CLIP embedding and its row of L2-normalised `text_emb`: float64 [N]."""
+    chunks = [encoder.encode_images(to_pil(images[i:i + batch_size]))
+              for i in tqdm(range(0, len(images), batch_size), desc="clip", disable=not progress)]
+    image_emb = np.concatenate(chunks) if chunks else np.zeros((0, encoder.dim), np.float32)
+    return torch.from_numpy((image_emb.astype(np.float64) * np.asarray(text_emb, np.float64)).sum(1))
+
+
+def _take(batch: dict, rows: list[int]) -> dict:
+    """Rows of a batch from `data.read_samples` (tensors and lists alike)."""
+    index = torch.tensor(rows, dtype=torch.long)
+    return {k: v[index] if isinstance(v, torch.Tensor) else [v[i] for i in rows] for k, v in batch.items()}
+
+
+class Evaluator:
+    """One evaluation setup, loaded once and run at many steps: this rank's share of the val prompts and
+    real images, the classifier, CLIP and Inception, and the real-image ceilings (computed on first use).
+
+    Rank r makes samples r, r + world_size, … (`samples["index"]`); sums over ranks give the results, so every
+    rank returns the same report.
+
+    Args:
+        meta: the diffusion checkpoint's metadata; the shards' embeddings must come from the same CLIP.
+        classifier: train_classifier run directory or checkpoint; None skips attr_acc with a message.
+        inception: Inception weights file (None: DDPDIFF_INCEPTION_WEIGHTS or skip fid), or a ready
+            feature network [B,3,H,W] in [-1,1] -> [B,D].
+        encoder: the CLIP encoder for clip_score when the caller has it loaded already.
+        log: where skip messages go (the CLI keeps stdout for the JSON report).
+    """
+
+    def __init__(self, shards: str | Path, meta: DenoiserMeta, metrics: Iterable[str], num: int, *,
+                 classifier: str | Path | None = None, attributes: Iterable[str] | str | None = None,
+                 inception: str | Path | nn.Module | None = None, device: str | torch.device | None = None,
+                 batch_size: int = 64, clip_pretrained: str | None = None, encoder: clip.Encoder | None = None,
+                 rank: int = 0, world_size: int = 1, progress: bool = False,
+                 log: Callable[[str], None] = lambda msg: None):
+        self.metrics, self.attributes = parse_metrics(metrics), parse_attributes(attributes)
+        self.device = dist.default_device(device)
+        self.batch_size, self.progress, self.num, self.skipped = batch_size, progress, num, {}
+        manifest = data.load_manifest(shards)
+        problem = clip.mismatch(meta.clip, meta.empty_prompt, manifest["clip"], manifest["empty_prompt"])
+        if problem:
+            raise EvalError(f"{shards}: its embeddings do not come from the checkpoint's CLIP ({problem})")
+        n_val = data.split_count(manifest, "val")
+        if not world_size <= num or not world_size <= n_val:
+            raise EvalError(f"--num {num} and the val split of {shards} ({n_val} images) must both be at least "
+                            f"the number of ranks ({world_size})")
+        val = data.read_samples(shards, split="val", n=min(num, n_val))
+        mine = list(range(rank, num, world_size))
+        self.samples = {**_take(val, [i % n_val for i in mine]), "index": mine}
+        self.real = _take(val, list(range(rank, min(num, n_val), world_size)))
+
+        if "attr_acc" in self.metrics and classifier is None:
+            self._skip("attr_acc", TRAIN_CLASSIFIER_HINT, log)
+        elif "attr_acc" in self.metrics:
+            self.classifier, cmeta = load_classifier(classifier, self.device)
+            if cmeta.image_size != meta.image_size:
+                raise EvalError(f"--classifier {classifier}: trained on {cmeta.image_size}px images, but the "
+                                f"checkpoint makes {meta.image_size}px samples")
+        if "clip_score" in self.metrics:
+            self.encoder = encoder or clip.load_matching(meta.clip, meta.empty_prompt, str(self.device),
+                                                         clip_pretrained)
+            self.samples["text_emb"] = self.encoder.encode_texts(self.samples["prompt"])
+            self.real["text_emb"] = self.encoder.encode_texts(self.real["prompt"])
+        if "fid" in self.metrics:
+            if isinstance(inception, nn.Module):
+                self.inception = inception.to(self.device).eval()
+            elif (path := fid.weights_path(inception)) is None:
+                self._skip("fid", fid.SKIP_MESSAGE, log)
+            else:
+                self.inception = fid.load(path, device=self.device)
+        self._real_sums: dict[str, torch.Tensor] | None = None
+
+    def _skip(self, metric: str, message: str, log: Callable[[str], None]) -> None:
+        self.metrics.remove(metric)
+        self.skipped[metric] = message
+        log(message)
+
+    def _sums(self, images: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
+        """Per-metric sums over this rank's images, reduced over all ranks (same order on every rank)."""
+        sums = {}
+        if "attr_acc" in self.metrics:
+            agree = attribute_hits(self.classifier, images, batch["attrs"], self.batch_size)
+            sums["attr_acc"] = torch.cat([agree.sum(0).double(), torch.tensor([float(len(agree))], dtype=torch.float64)])
+        if "clip_score" in self.metrics:
+            scores = clip_scores(self.encoder, images, batch["text_emb"], self.batch_size, self.progress)
+            sums["clip_score"] = torch.stack([scores.sum(), torch.tensor(float(len(scores)), dtype=torch.float64)])
+        if "fid" in self.metrics:
+            sums["fid"] = fid.moments(fid.features(self.inception, images, self.batch_size, self.progress))
+        return {k: dist.all_sum(v) for k, v in sums.items()}
+
+    @torch.no_grad()
+    def run(self, generate: Callable[[dict], torch.Tensor]) -> dict:
+        """The report for images `generate(batch)` makes for this rank's samples: [len(batch), 3, H, W] in [-1, 1].
+
+        `batch` holds `index` (each sample's number), `prompt`, `attrs`, `clip_text` (and `tokens`, `token_mask`
+        when the shards have them): what `Pipeline.generate_for` reads.
+        """
+        images = generate(self.samples)
+        if len(images) != len(self.samples["prompt"]):
+            raise EvalError(f"generate returned {len(images)} images for {len(self.samples['prompt'])} prompts")
+        gen = self._sums(as_saved(images), self.samples)  # 8-bit, as saved and as the real ones
+        if self._real_sums is None:
+            self._real_sums = self._sums(self.real["image"], self.real)
+        return self._report(gen, self._real_sums)
+
+    def _report(self, gen: dict, real: dict) -> dict:
+        out: dict = {"metrics": list(self.metrics), "skipped": dict(self.skipped), "num": self.num}
+        if "attr_acc" in gen:
+            g, r = (s[:-1] / s[-1] for s in (gen["attr_acc"], real["attr_acc"]))
+            chosen = [ATTRIBUTES.index(a) for a in self.attributes]
+            out["attr_acc"] = {
+                "mean": g[chosen].mean().item(), "real_mean": r[chosen].mean().item(),
+                "attributes": self.attributes, "num": int(gen["attr_acc"][-1]), "num_real": int(real["attr_acc"][-1]),
+                "per_attribute": {name: {"samples": g[i].item(), "real": r[i].item()}
+                                  for i, name in enumerate(ATTRIBUTES)}}
+        if "clip_score" in gen:
+            (gs, gn), (rs, rn) = gen["clip_score"].tolist(), real["clip_score"].tolist()
+            out["clip_score"] = {"samples": gs / gn, "real": rs / rn, "num": int(gn), "num_real": int(rn)}
+        if "fid" in gen:
+            out["fid"] = {"value": fid.fid_from_moments(gen["fid"], real["fid"]), "num": int(gen["fid"][0]),
+                          "num_real": int(real["fid"][0])}
+        return out
+
+
+def scalars(report: dict) -> tuple[dict[str, float], dict[str, float]]:
+    """TensorBoard scalars of a report: the headline ones, and the per-attribute accuracies."""
+    head, detail = {}, {}
+    if "attr_acc" in report:
+        a = report["attr_acc"]
+        head.update({"eval/attr_acc": a["mean"], "eval/attr_acc_real": a["real_mean"]})
+        detail.update({f"eval/attr_acc/{name}": v["samples"] for name, v in a["per_attribute"].items()})
+    if "clip_score" in report:
+        head.update({"eval/clip_score": report["clip_score"]["samples"],
+                     "eval/clip_score_real": report["clip_score"]["real"]})
+    if "fid" in report:
+        head["eval/fid"] = report["fid"]["value"]
+    return head, detail
+
+
+def summary(report: dict) -> str:
+    """Human-readable lines of a report (the demo prints them)."""
+    lines = []
+    if "attr_acc" in report:
+        a = report["attr_acc"]
+        lines.append(f"attribute accuracy over {len(a['attributes'])} attributes, {a['num']} samples: "
+                     f"{a['mean']:.3f} (classifier on {a['num_real']} real val images: {a['real_mean']:.3f})")
+        lines += [f"  {name:<20} {a['per_attribute'][name]['samples']:.3f} (real {a['per_attribute'][name]['real']:.3f})"
+                  for name in a["attributes"]]
+    if "clip_score" in report:
+        c = report["clip_score"]
+        lines.append(f"CLIP score: {c['samples']:.4f} (real val images: {c['real']:.4f})")
+    if "fid" in report:
+        f = report["fid"]
+        lines.append(f"FID: {f['value']:.2f} ({f['num']} samples vs {f['num_real']} val images)")
+    lines += list(report["skipped"].values())
+    return "\n".join(lines)

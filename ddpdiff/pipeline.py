@@ -1,0 +1,126 @@
+"""Load once, generate many: a diffusion model with its diffusion, its metadata and (for prompts) its CLIP.
+
+The sampling CLI, the evaluation and the in-training previews and metrics all generate through
+`Pipeline.generate`, so the same condition and seeds give the same images in all of them.
+
+  pipe = Pipeline.from_checkpoint("runs/celeba64")
+  images = pipe.sample(["Photo of person smiling.", "Photo of person blond hair."], num=4, seed=0)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from . import checkpoint, clip, conditioning, config, dist, models
+from .conditioning import Cond
+from .config import ModelConfig
+from .diffusion import Diffusion
+from .errors import UsageError
+from .models import ClassifierMeta, DenoiserMeta, SRMeta
+from .sampling import check, generate, image_seed
+
+
+class SamplingError(UsageError):
+    """Sampling settings or prompts that cannot be used; the message is one line naming them."""
+
+
+@dataclass
+class Pipeline:
+    model: nn.Module  # the denoiser, in eval mode
+    diffusion: Diffusion
+    model_cfg: ModelConfig
+    meta: DenoiserMeta
+    encoder: clip.Encoder | None = None  # for `encode`; None where conditions come from the shards
+    source: Path | None = None  # the checkpoint it was loaded from
+    step: int | None = None  # the training step of that checkpoint
+    shards: str | None = None  # the shards it was trained on (data.shards)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str | torch.device | None = None, ema: bool = True,
+                        encoder: bool = True, clip_pretrained: str | None = None) -> Pipeline:
+        """A diffusion checkpoint (or a run directory's newest) with its EMA (or raw) weights, and unless
+        `encoder` is False the CLIP that made its training embeddings (`clip_pretrained` relocates it)."""
+        state, meta, path = checkpoint.read(path, DenoiserMeta)
+        cfg = config.from_dict(state["config"])
+        device = dist.default_device(device)
+        enc = (clip.load_matching(meta.clip, meta.empty_prompt, str(device), clip_pretrained, where=str(path))
+               if encoder else None)  # before the model: a mismatch is the clearer error
+        model = models.build_denoiser(cfg.model, cfg.diffusion.timesteps, meta)
+        model.load_state_dict(state["ema" if ema else "model"])
+        return cls(model.to(device).eval(), Diffusion(cfg.diffusion), cfg.model, meta, enc, path, state["step"],
+                   cfg.data.shards)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def tokens(self) -> bool:
+        return models.uses_tokens(self.model_cfg)
+
+    def encode(self, prompts: Sequence[str]) -> Cond:
+        """The condition of each prompt, through the checkpoint's CLIP."""
+        if not prompts:
+            raise SamplingError("no prompts (pass --prompt TEXT or --prompts-file FILE)")
+        if self.encoder is None:
+            raise SamplingError("this pipeline was loaded without its CLIP encoder (encoder=False)")
+        return conditioning.from_prompts(self.encoder, prompts, self.tokens, self.device)
+
+    def condition(self, batch: dict) -> Cond:
+        """The condition of a batch of shard samples: their stored text embeddings, whatever `data.condition`
+        the model was trained with."""
+        return conditioning.from_batch(batch, self.tokens, self.device)
+
+    def check(self, sampler: str = "ddim", steps: int = 50, eta: float = 0.0) -> None:
+        problems = check(sampler, steps, eta, self.diffusion.T)
+        if problems:
+            raise SamplingError("; ".join(problems))
+
+    def generate(self, cond: Cond, seeds: Sequence[int], sampler: str = "ddim", steps: int = 50,
+                 guidance: float = 3.0, eta: float = 0.0, batch_size: int = 64, progress: bool = False,
+                 ) -> torch.Tensor:
+        """Image i for row i of `cond` from seeds[i]: [len(seeds), 3, H, W] in [-1, 1] on the CPU."""
+        self.check(sampler, steps, eta)
+        if batch_size < 1:
+            raise SamplingError("--batch-size must be >= 1")
+        size = self.meta.image_size
+        return generate(self.model, self.diffusion, cond, seeds, (3, size, size), sampler=sampler, steps=steps,
+                        eta=eta, guidance=guidance, batch_size=batch_size, progress=progress)
+
+    def sample(self, prompts: Sequence[str], num: int = 1, seed: int = 0, **settings) -> torch.Tensor:
+        """`num` images per prompt, prompt-major: [len(prompts) * num, 3, H, W] in [-1, 1]. Image s of prompt p
+        comes from `image_seed(seed, p, s)`, so a seed gives the same images again. `settings` as `generate`."""
+        if num < 1:
+            raise SamplingError("--num must be >= 1")
+        rows = torch.arange(len(prompts), device=self.device).repeat_interleave(num)
+        seeds = [image_seed(seed, p, s) for p in range(len(prompts)) for s in range(num)]
+        return self.generate(conditioning.take(self.encode(prompts), rows), seeds, **settings)
+
+    def generate_for(self, batch: dict, seed: int, **settings) -> torch.Tensor:
+        """Images for shard samples (evaluation): sample `batch["index"][i]` of a run seeded by `seed` gets
+        `image_seed(seed, index)`, the seed the sampling CLI gives prompt `index`'s first image."""
+        seeds = [image_seed(seed, i) for i in batch["index"]]
+        return self.generate(self.condition(batch), seeds, **settings)
+
+
+def load_network(path: str | Path, kind: type[SRMeta] | type[ClassifierMeta],
+                 device: str | torch.device | None = None) -> tuple[nn.Module, SRMeta | ClassifierMeta, Path]:
+    """The EMA weights of an SRResNet or attribute-classifier checkpoint (or run directory), in eval mode, its
+    metadata and the checkpoint file."""
+    state, meta, path = checkpoint.read(path, kind)
+    model = models.build(meta)
+    model.load_state_dict(state["ema"])
+    return model.to(dist.default_device(device)).eval(), meta, path
+
+
+@torch.no_grad()
+def upsample(model: nn.Module, images: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+    """Images in [-1, 1] upsampled by an SRResNet, batch by batch, returned on the CPU."""
+    device = next(model.parameters()).device
+    return torch.cat([model(images[i:i + batch_size].to(device)).float().cpu()
+                      for i in range(0, len(images), batch_size)])
