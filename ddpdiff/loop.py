@@ -69,12 +69,8 @@ def launch(make_task: Callable[[Any, dist.Env], Task], root: type[TrainerConfig]
     """
     cfg, _ = config.parse_args(description, argv, prog=prog, root=root)
     env = dist.init(cfg.dist.timeout_s)
-
-    @cli(prog)
-    def train() -> int:
-        return run(make_task(cfg, env))
     try:
-        return train()
+        return cli(prog)(lambda: run(make_task(cfg, env)))()
     finally:
         dist.cleanup()
 

@@ -83,3 +83,36 @@ def shards_dir(celeba_root, tmp_path_factory) -> Path:
     shards.write_shards(celeba_root, out, clip_model="tiny", clip_pretrained="none", samples_per_shard=8,
                         workers=0, clip_batch_size=16, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def diffusion_run(shards_dir, tmp_path_factory) -> Path:
+    """A 2-step smoke diffusion run on `shards_dir`."""
+    from ddpdiff import train
+
+    out = tmp_path_factory.mktemp("diffusion")
+    assert train.main(["--config", str(CONFIGS / "smoke.yaml"), "--data.shards", str(shards_dir),
+                       "--run.dir", str(out), "--train.max_steps", "2"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def classifier_run(shards_dir, tmp_path_factory) -> Path:
+    """A 4-step smoke attribute classifier on `shards_dir`."""
+    from ddpdiff import train_classifier
+
+    out = tmp_path_factory.mktemp("classifier")
+    assert train_classifier.main(["--config", str(CONFIGS / "classifier_smoke.yaml"), "--data.shards",
+                                  str(shards_dir), "--run.dir", str(out), "--classifier.eval_every_steps", "0"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def sr_run(shards_dir, tmp_path_factory) -> Path:
+    """A 2-step x8 SRResNet run on `shards_dir`."""
+    from ddpdiff import train_sr
+
+    out = tmp_path_factory.mktemp("sr")
+    assert train_sr.main(["--config", str(CONFIGS / "sr_smoke.yaml"), "--data.shards", str(shards_dir),
+                          "--run.dir", str(out), "--train.max_steps", "2", "--sr.eval_every_steps", "0"]) == 0
+    return out

@@ -7,27 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ddpdiff import eval as ev, fid, synthetic, train, train_classifier
+from ddpdiff import eval as ev, fid, synthetic, train
 
 from conftest import CONFIGS
-
-
-@pytest.fixture(scope="module")
-def classifier_run(shards_dir, tmp_path_factory):
-    """A 4-step smoke attribute classifier."""
-    out = tmp_path_factory.mktemp("classifier")
-    assert train_classifier.main(["--config", str(CONFIGS / "classifier_smoke.yaml"), "--data.shards",
-                                  str(shards_dir), "--run.dir", str(out), "--classifier.eval_every_steps", "0"]) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
-def diffusion_run(shards_dir, tmp_path_factory):
-    """A 2-step smoke diffusion run."""
-    out = tmp_path_factory.mktemp("diffusion")
-    assert train.main(["--config", str(CONFIGS / "smoke.yaml"), "--data.shards", str(shards_dir),
-                       "--run.dir", str(out), "--train.max_steps", "2"]) == 0
-    return out
 
 
 def _tb_scalars(run_dir):

@@ -10,19 +10,7 @@ from ddpdiff.celeba import ATTRIBUTES
 from ddpdiff.images import to_pil
 from ddpdiff.models import DenoiserMeta
 
-from conftest import CONFIGS
 from test_fid import Tiny
-
-
-@pytest.fixture(scope="module")
-def classifier_run(shards_dir, tmp_path_factory):
-    """A 4-step smoke attribute classifier."""
-    from ddpdiff import train_classifier
-
-    out = tmp_path_factory.mktemp("classifier")
-    assert train_classifier.main(["--config", str(CONFIGS / "classifier_smoke.yaml"), "--data.shards",
-                                  str(shards_dir), "--run.dir", str(out), "--classifier.eval_every_steps", "0"]) == 0
-    return out
 
 
 def meta_of(shards) -> DenoiserMeta:

@@ -15,3 +15,16 @@ def test_readme_names_only_files_that_exist():
         assert (REPO / path).is_file(), path
     for name in re.findall(r"`(\w+\.yaml)`", text):
         assert (REPO / "jobs" / "configs" / name).is_file(), name
+
+
+def test_readme_python_example_runs(diffusion_run, sr_run):
+    """The README's Python example, on the smoke runs instead of runs/celeba64 and runs/sr."""
+    import torch
+
+    block = next(b for b in re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+                 if "Pipeline.from_checkpoint" in b)
+    code = block.replace('"runs/celeba64"', repr(str(diffusion_run))).replace('"runs/sr"', repr(str(sr_run)))
+    scope = {}
+    exec(code, scope)
+    assert scope["faces"].shape == (8, 3, 64, 64) and scope["big"].shape == (8, 3, 512, 512)
+    assert scope["faces"].min() >= -1 and scope["faces"].max() <= 1 and not torch.equal(scope["faces"][0], scope["faces"][1])

@@ -23,15 +23,6 @@ def run(shards_dir, tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="module")
-def sr_run(shards_dir, tmp_path_factory):
-    """A 2-step x8 SRResNet run."""
-    out = tmp_path_factory.mktemp("sr")
-    assert train_sr.main(["--config", str(CONFIGS / "sr_smoke.yaml"), "--data.shards", str(shards_dir),
-                          "--run.dir", str(out), "--train.max_steps", "2", "--sr.eval_every_steps", "0"]) == 0
-    return out
-
-
 def _generate(run, prompts=PROMPTS, ema=True, clip_pretrained=None, **kw):
     pipe = Pipeline.from_checkpoint(run, "cpu", ema=ema, clip_pretrained=clip_pretrained)
     return pipe.sample(prompts, **{"num": 2, "steps": 3, **kw})

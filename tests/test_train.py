@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from ddpdiff import checkpoint, config, data, dist, loop, train, train_classifier
+from ddpdiff import checkpoint, config, data, dist, loop, train
 from ddpdiff.celeba import ATTRIBUTES
 from ddpdiff.models import DenoiserMeta
 from ddpdiff.pipeline import Pipeline
@@ -146,6 +146,11 @@ def test_config_problems_are_reported_together_before_training(shards_dir, tmp_p
                             "--sample.steps", 500))
     err = capsys.readouterr().err
     assert code == 2 and "train.micro_batch must be >= 0" in err and "sample.steps 500" in err
+    assert err.strip().count("\n") == 0
+    code = train.main(_args(shards_dir, tmp_path / "r", "--model.cross_attn_resolutions", "[4]",
+                            "--train.micro_batch", -1))  # the model's own check, reported with the rest
+    err = capsys.readouterr().err
+    assert code == 2 and "model.cross_attn_resolutions [4] has none of" in err and "train.micro_batch" in err
     assert err.strip().count("\n") == 0
     assert not (tmp_path / "r").exists()
 
@@ -283,23 +288,6 @@ def test_non_finite_losses_are_skipped_then_stop_the_run_with_finite_checkpoints
     for path in saved:
         state = torch.load(path, weights_only=True)
         assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point()), path
-
-
-@pytest.fixture(scope="module")
-def diffusion_run(shards_dir, tmp_path_factory):
-    """A 2-step smoke diffusion run."""
-    out = tmp_path_factory.mktemp("diffusion")
-    assert train.main(_args(shards_dir, out, "--train.max_steps", 2)) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
-def classifier_run(shards_dir, tmp_path_factory):
-    """A 4-step smoke attribute classifier."""
-    out = tmp_path_factory.mktemp("classifier")
-    assert train_classifier.main(["--config", str(CONFIGS / "classifier_smoke.yaml"), "--data.shards",
-                                  str(shards_dir), "--run.dir", str(out), "--classifier.eval_every_steps", "0"]) == 0
-    return out
 
 
 def test_evaluation_comes_due_at_either_cadence(shards_dir):

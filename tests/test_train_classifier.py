@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from torch import nn
 
 from ddpdiff import checkpoint, metrics, train_classifier
 from ddpdiff.checkpoint import CheckpointError

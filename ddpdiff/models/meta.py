@@ -16,6 +16,14 @@ class MetaError(UsageError):
     """A checkpoint's meta that is not of the kind asked for, or not readable."""
 
 
+class _Named:
+    """Metadata stored with its kind under "model" (all but the denoiser's, whose format came first)."""
+    kind: ClassVar[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.kind, **asdict(self)}
+
+
 @dataclass(frozen=True)
 class DenoiserMeta:
     """The shards a diffusion model was trained on: the CLIP that made its conditions, their image size, and
@@ -32,7 +40,7 @@ class DenoiserMeta:
 
 
 @dataclass(frozen=True)
-class SRMeta:
+class SRMeta(_Named):
     kind: ClassVar[str] = "srresnet"
     name: ClassVar[str] = "an SRResNet"
     trainer: ClassVar[str] = "python -m ddpdiff.train_sr"
@@ -40,12 +48,9 @@ class SRMeta:
     channels: int
     num_blocks: int
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"model": self.kind, **asdict(self)}
-
 
 @dataclass(frozen=True)
-class ClassifierMeta:
+class ClassifierMeta(_Named):
     kind: ClassVar[str] = "attr_resnet"
     name: ClassVar[str] = "an attribute classifier"
     trainer: ClassVar[str] = "python -m ddpdiff.train_classifier"
@@ -53,9 +58,6 @@ class ClassifierMeta:
     blocks: list[int]
     image_size: int
     attributes: list[str]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"model": self.kind, **asdict(self)}
 
 
 Meta = DenoiserMeta | SRMeta | ClassifierMeta
