@@ -87,6 +87,8 @@ class TrainConfig:
     compile: bool = _f(False, "torch.compile the model")
     max_nonfinite: int = _f(10, "stop after this many non-finite losses in a row")
     seed: int = _f(0, "global seed; each rank derives its own")
+    deterministic: bool = _f(False, "deterministic kernels (and CUBLAS_WORKSPACE_CONFIG), so that bitwise "
+                                    "resume holds on GPUs too (same hardware); slower")
 
 
 @dataclass
@@ -145,6 +147,9 @@ class EvalConfig:
 
 @dataclass
 class DistConfig:
+    device: Literal["auto", "cuda", "cpu"] = _f(
+        "auto", "auto: this rank's GPU when CUDA works, else the CPU (an error if the launch expects GPUs); "
+                "cuda: GPUs or an error; cpu: the CPU with gloo")
     timeout_s: int = _f(600, "a collective that waits longer than this fails the job")
     fixed_buckets: bool = _f(
         True, "keep DDP's gradient buckets in one layout for the whole run (find_unused_parameters), so a resumed "

@@ -7,13 +7,22 @@ srun without torchrun (SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID, master taken fro
 from __future__ import annotations
 
 import datetime
+import glob
 import os
 import subprocess
-import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from .errors import UsageError
+
+# Where to get a torch build for an older driver: the CUDA version of the wheel must not exceed the driver's.
+WHEELS = "https://download.pytorch.org/whl/ (e.g. pip install torch --index-url https://download.pytorch.org/whl/cu126)"
+
+
+class DeviceError(UsageError):
+    """The launch expects GPUs that this process cannot use; the message says why and how to fix it."""
 
 
 @dataclass(frozen=True)
@@ -47,31 +56,79 @@ def _launch_env() -> tuple[int, int, int, int]:
     return 0, 1, 0, 1
 
 
-def init(timeout_s: int = 600) -> Env:
-    """Join the process group (NCCL on GPUs, gloo on the CPU) and pick this rank's device."""
+def expects_gpus() -> str | None:
+    """What says this launch is meant for GPUs (None: nothing does): a GPU allocation by SLURM, devices named
+    by CUDA_VISIBLE_DEVICES, or a torchrun rank on a machine with NVIDIA devices."""
+    e = os.environ
+    if e.get("SLURM_GPUS_ON_NODE", "0") not in ("", "0"):
+        return f"SLURM_GPUS_ON_NODE={e['SLURM_GPUS_ON_NODE']}"
+    if e.get("CUDA_VISIBLE_DEVICES", "") not in ("", "-1"):
+        return f"CUDA_VISIBLE_DEVICES={e['CUDA_VISIBLE_DEVICES']}"
+    if "LOCAL_RANK" in e and glob.glob("/dev/nvidia[0-9]*"):
+        return "a torchrun rank on a machine with NVIDIA devices (/dev/nvidia*)"
+    return None
+
+
+def _cuda_problem() -> str | None:
+    """Why CUDA cannot be used in this process, or None when it can."""
+    if torch.cuda.is_available():
+        return None
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is a CPU-only build"
+    try:
+        torch.cuda.init()
+    except Exception as e:  # the driver's or runtime's reason, e.g. "The NVIDIA driver on your system is too old"
+        return f"torch {torch.__version__} (CUDA {torch.version.cuda}): {' '.join(str(e).split())[:200]}"
+    return f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no GPU"
+
+
+def pick_device(wanted: str = "auto", local_rank: int = 0) -> torch.device:
+    """This rank's device. `auto`: the GPU when CUDA works, else the CPU, unless the launch expects GPUs
+    (`expects_gpus`): then a CUDA problem is an error, never a silent CPU run. The GPU is `local_rank` modulo
+    the visible GPUs, so a task that SLURM binds to one GPU (which it sees as cuda:0) finds it."""
+    if wanted == "cpu":
+        return torch.device("cpu")
+    problem = _cuda_problem()
+    if problem is not None:
+        reason = "dist.device=cuda" if wanted == "cuda" else expects_gpus()
+        if reason is None:
+            return torch.device("cpu")
+        raise DeviceError(f"{reason} asks for GPUs, but CUDA is unusable: {problem}. Install a torch build "
+                          f"for this driver from {WHEELS}, or run on the CPU with --dist.device cpu")
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+def cpus_per_rank(local_world_size: int = 1) -> int:
+    """The CPUs this rank may use: SLURM_CPUS_PER_TASK (else the CPUs this process may run on), shared by the
+    ranks torchrun starts inside one task."""
+    cpus = int(os.environ.get("SLURM_CPUS_PER_TASK") or len(os.sched_getaffinity(0)))
+    sharing = local_world_size if "TORCHELASTIC_RUN_ID" in os.environ else 1
+    return max(1, cpus // sharing)
+
+
+def init(timeout_s: int = 600, device: str = "auto") -> Env:
+    """Join the process group (NCCL on GPUs, gloo on the CPU) on this rank's device (`pick_device`)."""
     global _env
     rank, world, local_rank, local_world = _launch_env()
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
+    dev = pick_device(device, local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
         backend = "nccl"
     else:
-        if os.environ.get("CUDA_VISIBLE_DEVICES"):
-            warnings.warn("CUDA_VISIBLE_DEVICES is set but no CUDA device is usable; running on the CPU with gloo")
-        device = torch.device("cpu")
         backend = "gloo"
         # Ranks on one host share its cores: oversubscribed OpenMP threads spin and slow every rank down.
         if "OMP_NUM_THREADS" not in os.environ:
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-    if world > 1:
+            torch.set_num_threads(cpus_per_rank(local_world))
+    # Under torchrun even one rank joins a group, so its collectives take the real (NCCL) path.
+    if world > 1 or "TORCHELASTIC_RUN_ID" in os.environ:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
         dist.init_process_group(backend=backend, rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=timeout_s),
-                                device_id=device if backend == "nccl" else None)
+                                device_id=dev if backend == "nccl" else None)
     else:
         backend = "none"
-    _env = Env(rank, world, local_rank, local_world, device, backend)
+    _env = Env(rank, world, local_rank, local_world, dev, backend)
     return _env
 
 

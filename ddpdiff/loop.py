@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -68,11 +69,32 @@ def launch(make_task: Callable[[Any, dist.Env], Task], root: type[TrainerConfig]
     reports it and stops the other ranks instead of leaving them waiting.
     """
     cfg, _ = config.parse_args(description, argv, prog=prog, root=root)
-    env = dist.init(cfg.dist.timeout_s)
     try:
-        return cli(prog)(lambda: run(make_task(cfg, env)))()
+        with deterministic(cfg.train.deterministic):
+            return cli(prog)(lambda: run(make_task(cfg, dist.init(cfg.dist.timeout_s, cfg.dist.device))))()
     finally:
         dist.cleanup()
+
+
+@contextlib.contextmanager
+def deterministic(enabled: bool) -> Iterator[None]:
+    """Deterministic kernels while the run lasts (`train.deterministic`): cuBLAS needs its workspace setting
+    before its first use, cuDNN its own flags; an op without a deterministic kernel then fails loudly."""
+    if not enabled:
+        yield
+        return
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
+             torch.backends.cudnn.deterministic, os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[1], saved[2]
+        if saved[3] is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
 
 
 class StopRequest:
@@ -259,7 +281,8 @@ def backward(tr: TrainState, task: Task, batch: dict, stats: dict[str, list[torc
 
 
 def update(tr: TrainState, apply: bool) -> None:
-    """Apply the gradients (and move the EMA), or drop them when any rank saw a non-finite value."""
+    """Apply the gradients and move the EMA, or drop them (a non-finite loss on some rank, or an fp16 overflow
+    after which the GradScaler lowers its scale)."""
     if apply:
         tr.scaler.step(tr.optimizer)
     tr.scaler.update()
@@ -270,10 +293,26 @@ def update(tr: TrainState, apply: bool) -> None:
 
 def train_loader(task: Task, **options) -> data.Loader:
     """This rank's loader over the training split of `data.shards`, in the loop's batches; `options` are the
-    task's own (`tokens`, `extra`, `map_sample`)."""
+    task's own (`tokens`, `extra`, `map_sample`). Pinned batches on a GPU (so copies overlap compute)."""
     cfg, env = task.cfg, task.env
     return data.Loader(cfg.data.shards, split="train", global_batch=cfg.train.global_batch, rank=env.rank,
-                       world_size=env.world_size, seed=cfg.train.seed, workers=cfg.data.workers, **options)
+                       world_size=env.world_size, seed=cfg.train.seed, workers=loader_workers(task),
+                       pin_memory=env.device.type == "cuda", **options)
+
+
+def loader_workers(task: Task) -> int:
+    """`data.workers`, under SLURM capped so that a rank's workers and the rank itself fit the CPUs it was
+    given (`dist.cpus_per_rank`: SLURM_CPUS_PER_TASK shared by the ranks of a task): more would only slow every
+    rank down. Elsewhere the setting is taken as it is."""
+    wanted = task.cfg.data.workers
+    if "SLURM_CPUS_PER_TASK" not in os.environ:
+        return wanted
+    cpus = dist.cpus_per_rank(task.env.local_world_size)
+    workers = min(wanted, max(0, cpus - 1))
+    if workers < wanted:
+        dist.print0(f"data.workers {wanted} capped to {workers}: {cpus} CPUs per rank "
+                    f"(SLURM_CPUS_PER_TASK={os.environ['SLURM_CPUS_PER_TASK']})")
+    return workers
 
 
 def micro_size(task: Task) -> int:
@@ -341,7 +380,7 @@ class Logger:
     def __init__(self, monitor: Monitor, cuda: bool, step: int):
         self.monitor, self.cuda = monitor, cuda
         self.stats: dict[str, list[torch.Tensor]] = {}
-        self.nonfinite_total = 0
+        self.nonfinite_total = self.overflow_total = 0
         self.tick, self.tick_step = time.perf_counter(), step
 
     def log(self, tr: TrainState, epoch: int, losses: torch.Tensor, grad_norm: torch.Tensor, global_batch: int) -> None:
@@ -351,6 +390,8 @@ class Logger:
                   "train/images_per_s": global_batch * (tr.step - self.tick_step) / max(elapsed, 1e-9),
                   "train/samples_seen": tr.samples_seen, "train/epoch": epoch,
                   "train/nonfinite_steps": self.nonfinite_total}
+        if tr.scaler.is_enabled():
+            values.update({"train/overflow_steps": self.overflow_total, "train/loss_scale": tr.scaler.get_scale()})
         for name, (s, c) in sorted(self.stats.items()):
             s, c = dist.all_sum(s), dist.all_sum(c)
             if c > 0:
@@ -399,13 +440,16 @@ def run(task: Task) -> int:
             for g in tr.optimizer.param_groups:
                 g["lr"] = lr_at(tr.step, total_steps, t)
             losses, grad_norm = backward(tr, task, batch, logger.stats)
-            finite = bool(torch.isfinite(losses).all()) and bool(torch.isfinite(grad_norm))
-            bad, stopping = dist.any_rank(not finite, stop.signal is not None)
+            finite_grads = bool(torch.isfinite(grad_norm))
+            bad, overflow, stopping = dist.any_rank(not bool(torch.isfinite(losses).all()) or (
+                not finite_grads and not tr.scaler.is_enabled()), not finite_grads, stop.signal is not None)
 
-            # Skip a step with a non-finite loss or gradient on any rank; too many in a row ends the run.
-            update(tr, apply=not bad)
+            # Skip a step with a non-finite loss or gradient on any rank; too many in a row ends the run. With
+            # fp16, infinite gradients are the GradScaler's routine overflow: skipped, but not counted.
+            update(tr, apply=not bad and not overflow)
             nonfinite_run = nonfinite_run + 1 if bad else 0
             logger.nonfinite_total += bad
+            logger.overflow_total += overflow and not bad
             if nonfinite_run > t.max_nonfinite:
                 raise FloatingPointError(
                     f"{nonfinite_run} non-finite losses in a row at step {tr.step}; stopping with the last good "

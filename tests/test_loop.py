@@ -64,3 +64,28 @@ def test_weight_decay_skips_norms_biases_embeddings_and_null_conditions():
     assert decayed_names and all(n.endswith("weight") and "norm" not in n for n in decayed_names)
     assert {"null", "input.bias"} <= plain_names and any("norm" in n for n in plain_names)
     assert decayed_names | plain_names == set(names.values()) and not decayed_names & plain_names
+
+
+def test_loader_workers_fit_the_cpus_slurm_gave(shards_dir, monkeypatch, capsys):
+    from ddpdiff import dist, train
+
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+    cfg = config.load(CONFIGS / "smoke.yaml", ["--data.shards", str(shards_dir), "--data.workers", "8"])
+    task = train.DiffusionTask(cfg, dist.Env(local_world_size=8))
+    assert loop.loader_workers(task) == 8  # outside SLURM the setting stands
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "32")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    assert loop.loader_workers(task) == 3  # 4 CPUs per rank: the rank and 3 workers
+    assert "data.workers 8 capped to 3: 4 CPUs per rank (SLURM_CPUS_PER_TASK=32)" in capsys.readouterr().out
+
+
+def test_deterministic_mode_lasts_for_the_run_only(monkeypatch):
+    import os
+
+    import torch
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    with loop.deterministic(True):
+        assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    assert not torch.are_deterministic_algorithms_enabled() and "CUBLAS_WORKSPACE_CONFIG" not in os.environ

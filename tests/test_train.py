@@ -127,6 +127,28 @@ def test_mixed_precision_runs_and_stays_finite(shards_dir, tmp_path, precision):
     assert (state["scaler"] != {}) == (precision == "fp16")
 
 
+def test_fp16_overflow_steps_are_skipped_but_not_counted_as_non_finite(shards_dir, tmp_path, monkeypatch, capsys):
+    import functools
+
+    # A loss scale far too large: the first steps' fp16 gradients overflow until the scaler has lowered it.
+    monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(torch.amp.GradScaler, init_scale=2.0 ** 60))
+    run = tmp_path / "run"
+    assert train.main(_args(shards_dir, run, "--train.precision", "fp16", "--train.max_nonfinite", 0,
+                            "--train.max_steps", 6, "--log.every_steps", 1)) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert "overflow_steps=1" in lines[0] and all("nonfinite_steps=0" in line for line in lines)
+    scale = [float(line.split("loss_scale=")[1].split()[0]) for line in lines]
+    assert scale[0] < 2.0 ** 60 and all(a >= b for a, b in zip(scale, scale[1:]))  # lowered, never raised
+    assert _final(run)["step"] == 6
+
+
+def test_deterministic_mode_trains_the_same_bits_twice(shards_dir, tmp_path):
+    for name in ("a", "b"):
+        assert train.main(_args(shards_dir, tmp_path / name, "--train.deterministic", "true",
+                                "--train.max_steps", 3)) == 0
+    _assert_same_tensors(_final(tmp_path / "a")["model"], _final(tmp_path / "b")["model"], "model")
+
+
 def test_grad_checkpointing_gives_the_same_training(shards_dir, tmp_path):
     runs = {}
     for flag in ("false", "true"):
@@ -205,16 +227,19 @@ def test_sigkill_at_any_point_then_resume_is_bitwise_identical(shards_dir, tmp_p
 
 
 @pytest.mark.slow
-def test_sigterm_makes_every_rank_checkpoint_and_the_same_command_resumes(shards_dir, tmp_path):
-    args = _args(shards_dir, tmp_path / "run", "--train.max_steps", 100000, "--checkpoint.every_steps", 100000,
-                 "--log.every_steps", 1)
+@pytest.mark.parametrize("workers", [0, 2])
+def test_sigterm_makes_every_rank_checkpoint_and_the_same_command_resumes(shards_dir, tmp_path, workers):
+    """The signal goes to the whole process group, as SLURM's does: loader workers too, which must leave the
+    decision to their rank instead of dying and failing it."""
+    args = _args(shards_dir, tmp_path / "run", "--data.workers", workers, "--train.max_steps", 100000,
+                 "--checkpoint.every_steps", 100000, "--log.every_steps", 1)
     proc = _torchrun(2, args)
     for line in proc.stdout:
         if line.startswith("step 3 "):
             break
     os.killpg(proc.pid, signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
-    assert "stopped by signal SIGTERM" in out, out
+    assert "stopped by signal SIGTERM" in out and "exited unexpectedly" not in out, out
     saved = _final(tmp_path / "run")["step"]
     assert 3 <= saved < 100000
     code = train.main(args[:-6] + ["--train.max_steps", str(saved + 2)])

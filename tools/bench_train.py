@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     variants = {"off": [False], "on": [True], "both": [True, False], None: [t.grad_checkpointing]}
     variants = variants[args.grad_checkpointing]
 
-    env = dist.init(cfg.dist.timeout_s)
+    env = dist.init(cfg.dist.timeout_s, cfg.dist.device)
     try:
         if env.world_size > 1:
             raise ConfigError("run tools/bench_train.py as one process (it measures one device)")

@@ -12,6 +12,7 @@ a sampler of positions that the DataLoader returns in order, give what one proce
 from __future__ import annotations
 
 import os
+import signal
 from typing import Callable, Iterator
 
 import numpy as np
@@ -22,6 +23,15 @@ from .batch import Reader, decoder, stack, to_torch, unbatch
 from .manifest import DataError, load_manifest, use_tokens
 
 MapSample = Callable[[dict, np.random.Generator], dict]
+# Workers start from a clean server process, not a fork of a rank that may hold CUDA or NCCL state.
+WORKER_START = "forkserver"
+
+
+def _leave_signals_to_main(worker_id: int) -> None:
+    """Workers ignore SIGTERM, SIGUSR1 and SIGINT: a scheduler signals every process of a job, and the rank
+    decides (it checkpoints, then shuts its workers down); a worker that died of it would only fail the rank."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def share(global_batch: int, world_size: int, rank: int) -> tuple[int, int]:
@@ -87,7 +97,8 @@ class Loader:
         if self._loader is None:
             self._loader = DataLoader(self._batches, batch_size=None, sampler=self._positions,
                                       num_workers=self._workers, persistent_workers=True,
-                                      pin_memory=self._pin_memory)
+                                      pin_memory=self._pin_memory, worker_init_fn=_leave_signals_to_main,
+                                      multiprocessing_context=WORKER_START)
         return iter(self._loader)
 
 
