@@ -47,3 +47,17 @@ def sha256_file(path: str | os.PathLike) -> str:
         while block := f.read(1 << 20):
             sha.update(block)
     return sha.hexdigest()
+
+
+class HashingWriter:
+    """Passes writes through to `f` and hashes them, so a file's sha256 costs no second read or buffer."""
+
+    def __init__(self, f: IO[bytes]):
+        self.f, self.sha256 = f, hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()

@@ -1,23 +1,26 @@
-"""Checkpoints of a run: save (atomic, checksummed), find the newest that verifies, load, prune, and read one
-for inference with its typed metadata.
+"""Checkpoints of a run: save (atomic, checksummed), find the newest that verifies, load, prune, set aside the
+ones that fail, and read one for inference with its typed metadata.
 
 `RUN/checkpoints/step_XXXXXXXX.pt` is a plain dict readable with `torch.load(path, weights_only=True)`;
 `step_XXXXXXXX.pt.sha256` beside it is written after it, so a checkpoint counts only once both exist and
-the checksum matches.
+the checksum matches. Checkpoints a resume could not use move to `RUN/checkpoints/set_aside/`, kept for
+inspection and never counted again.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
+import contextlib
+import fcntl
+import os
 import re
+import socket
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
-from .atomic import atomic_write, sha256_file, write_text
+from .atomic import HashingWriter, atomic_write, sha256_file, write_text
 from .errors import UsageError
 from .models import meta as model_meta
 
@@ -33,15 +36,14 @@ def path_for(run_dir: str | Path, step: int) -> Path:
 
 
 def save(run_dir: str | Path, step: int, state: dict[str, Any], keep: int) -> Path:
-    """Write the checkpoint for `step`, then delete all but the newest `keep` complete ones."""
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    data = buf.getbuffer()
+    """Write the checkpoint for `step` (streamed to disk and hashed on the way, never whole in memory), then
+    delete all but the newest `keep` complete ones; the one just written is always kept."""
     path = path_for(run_dir, step)
     with atomic_write(path) as f:
-        f.write(data)
-    write_text(path.with_name(path.name + ".sha256"), hashlib.sha256(data).hexdigest() + "\n")
-    prune(run_dir, keep)
+        out = HashingWriter(f)
+        torch.save(state, out)
+    write_text(path.with_name(path.name + ".sha256"), out.sha256.hexdigest() + "\n")
+    prune(run_dir, keep, path)
     return path
 
 
@@ -69,21 +71,34 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
 
 def load_latest(run_dir: str | Path, map_location: str | torch.device = "cpu",
                 log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> tuple[dict[str, Any], Path] | None:
-    """The newest checkpoint that verifies and loads, reporting each newer one that does not."""
+    """The newest checkpoint that verifies and loads; each newer one that does not is reported and set aside.
+
+    Raises CheckpointError when checkpoints exist but none is usable: starting again from step 0 would
+    silently throw a run away, so that takes `run.fresh` (`set_aside_all`).
+    """
+    rejected = []
     for path in candidates(run_dir):
         problem = verify(path)
         if problem is None:
             try:
                 state = load(path, map_location)
             except Exception as e:  # a file that hashes right but does not unpickle is still unusable
-                problem = f"does not load ({type(e).__name__}: {e})"
+                problem = f"does not load ({type(e).__name__}: {' '.join(str(e).split())[:120]})"
             else:
-                if state.get("step") != int(_NAME.match(path.name).group(1)):
-                    problem = f"holds step {state.get('step')}, not the step in its name"
-                else:
+                if state.get("step") == int(_NAME.match(path.name).group(1)):
                     return state, path
-        log(f"checkpoint {path} skipped: {problem}")
+                problem = f"holds step {state.get('step')}, not the step in its name"
+        log(f"checkpoint {path} set aside in {set_aside(path).parent}: {problem}")
+        rejected.append(f"{path.name}: {problem}")
+    if rejected:
+        raise CheckpointError(f"{Path(run_dir) / 'checkpoints'}: no checkpoint is usable ({'; '.join(rejected)}); "
+                              "they are kept in set_aside/; pass --run.fresh true to start again from step 0")
     return None
+
+
+def set_aside_all(run_dir: str | Path) -> list[Path]:
+    """Move every checkpoint of a run aside (a deliberately fresh start keeps the old ones for inspection)."""
+    return [set_aside(p) for p in candidates(run_dir)]
 
 
 def resolve(path: str | Path) -> Path:
@@ -110,13 +125,55 @@ def read(path: str | Path, kind: type) -> tuple[dict[str, Any], Any, Path]:
     return state, model_meta.read(state.get("meta"), kind, str(path)), path
 
 
-def prune(run_dir: str | Path, keep: int) -> None:
-    """Delete all but the newest `keep` complete checkpoints, and leftovers older than them."""
+def prune(run_dir: str | Path, keep: int, written: Path) -> None:
+    """Delete all but the newest `keep` complete checkpoints, and leftovers older than them; never `written`."""
     complete = [p for p in candidates(run_dir) if p.with_name(p.name + ".sha256").is_file()]
     if len(complete) <= keep:
         return
-    oldest_kept = complete[keep - 1].name
+    oldest_kept = min(complete[keep - 1].name, written.name)
     for p in candidates(run_dir):
         if p.name < oldest_kept:
             p.with_name(p.name + ".sha256").unlink(missing_ok=True)
             p.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def locked(run_dir: str | Path) -> Iterator[None]:
+    """Hold RUN/.lock for as long as a run writes there: a second job (or a requeue racing a straggler) on the
+    same directory stops at once, naming the holder. The lock dies with its process, so no stale lock stays."""
+    path = Path(run_dir) / ".lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise CheckpointError(f"{run_dir}: in use by another run ({f.read().strip() or 'holder unknown'}); "
+                                  "wait for it to end, or pass another --run.dir") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def set_aside(path: Path) -> Path:
+    """Move a checkpoint (and its checksum) into checkpoints/set_aside/, where nothing counts it again."""
+    folder = path.parent / "set_aside"
+    folder.mkdir(exist_ok=True)
+    for p in (path, path.with_name(path.name + ".sha256")):
+        if p.exists():
+            p.replace(folder / p.name)
+    return folder / path.name
+
+
+def remove_temporaries(run_dir: str | Path) -> list[Path]:
+    """Delete the temporary files of saves that were killed (call only while holding the run's lock)."""
+    folder = Path(run_dir) / "checkpoints"
+    stale = sorted(folder.glob(".step_*.tmp")) if folder.is_dir() else []
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale

@@ -159,6 +159,8 @@ class DistConfig:
 @dataclass
 class RunConfig:
     dir: str = _f("runs/default", "run directory: config, checkpoints, TensorBoard logs")
+    fresh: bool = _f(False, "start again from step 0 although the run directory has checkpoints (they are moved "
+                            "to checkpoints/set_aside/)")
 
 
 @dataclass

@@ -188,6 +188,13 @@ def all_mean(values: torch.Tensor) -> torch.Tensor:
     return all_sum(values) / _env.world_size
 
 
+def from_main(value: int) -> int:
+    """Rank 0's integer on every rank (values below -2**62 are reserved)."""
+    mine = value if is_main() else -2**62
+    return int(_all_reduce(torch.tensor([mine], dtype=torch.int64),
+                           dist.ReduceOp.MAX if dist.is_initialized() else None).item())
+
+
 def all_equal(value: int) -> bool:
     """Whether every rank holds the same integer."""
     both = _all_reduce(torch.tensor([value, -value], dtype=torch.int64),

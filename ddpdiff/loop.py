@@ -362,16 +362,59 @@ def save(tr: TrainState, task: Task) -> None:
     dist.barrier()
 
 
-def resume(tr: TrainState, run_dir: Path) -> bool:
-    """Restore the newest checkpoint that verifies, if any; every rank must land on the same step."""
-    found = checkpoint.load_latest(run_dir, log=dist.print0)
-    if found is not None:
-        state, path = found
-        tr.load_state_dict(state)
-        dist.print0(f"resumed from {path} (step {tr.step}, epoch {tr.epoch}, batch {tr.batch})")
-    if not dist.all_equal(tr.step):
-        raise RuntimeError(f"ranks resumed from different steps (this rank: {tr.step}); is {run_dir} shared?")
-    return found is not None
+# Settings that decide the data order or the network: a resume with other values would silently diverge.
+FIXED_ON_RESUME = ("train.seed", "train.global_batch", "data.shards", "model.", "diffusion.", "sr.scale",
+                   "sr.channels", "sr.num_blocks", "sr.hr_patch", "classifier.width", "classifier.blocks")
+EX_TEMPFAIL = 75  # exit status of a run stopped by a signal after saving: not finished, run it again
+
+
+def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    return {k: v for key, value in values.items()
+            for k, v in (_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value}).items()}
+
+
+def check_changes(saved: dict[str, Any], cfg: TrainerConfig, step: int) -> None:
+    """Refuse a resume whose config changes what decides the data order or the network (each such key named);
+    report any other change (learning rate, cadences, step budget…), which is allowed."""
+    before, now = _flat(saved), _flat(config.to_dict(cfg))
+    changed = [k for k in now if k in before and before[k] != now[k]]
+    fixed = [f"{k} {before[k]!r} -> {now[k]!r}" for k in changed if k.startswith(FIXED_ON_RESUME)]
+    if fixed:
+        raise ConfigError(f"{cfg.run.dir} was trained to step {step} with other settings that decide the data order "
+                          f"or the model: {'; '.join(fixed)}; use the same values, or another --run.dir")
+    if changed:
+        dist.print0(f"settings changed since step {step}: " + "; ".join(f"{k} {before[k]!r} -> {now[k]!r}"
+                                                                        for k in changed))
+
+
+def resume(tr: TrainState, task: Task, hold: contextlib.ExitStack) -> bool:
+    """Take the run directory (rank 0 holds its lock in `hold`) and restore the newest checkpoint that verifies,
+    if any. Rank 0 alone lists, verifies and chooses (so a stale network-filesystem listing on another node
+    cannot split the ranks), and a refusal reaches every rank; every rank then loads the chosen file."""
+    cfg = task.cfg
+    run_dir = Path(cfg.run.dir)
+    found, problem = None, None
+    if dist.is_main():
+        try:
+            hold.enter_context(checkpoint.locked(run_dir))
+            for stale in checkpoint.remove_temporaries(run_dir):
+                dist.print0(f"removed {stale}, left by a save that was killed")
+            if cfg.run.fresh:
+                for moved in checkpoint.set_aside_all(run_dir):
+                    dist.print0(f"run.fresh: {moved.name} moved to {moved.parent}")
+            found = checkpoint.load_latest(run_dir, log=dist.print0)
+        except checkpoint.CheckpointError as e:
+            problem = e
+    step = dist.from_main(-2 if problem else found[0]["step"] if found else -1)
+    if step == -2:
+        raise problem or checkpoint.CheckpointError(f"{run_dir}: rank 0 could not resume (see its error)")
+    if step == -1:
+        return False
+    state = found[0] if found else checkpoint.load(checkpoint.path_for(run_dir, step))
+    check_changes(state["config"], cfg, step)
+    tr.load_state_dict(state)
+    dist.print0(f"resumed from {checkpoint.path_for(run_dir, step)} (step {tr.step}, epoch {tr.epoch}, batch {tr.batch})")
+    return True
 
 
 class Logger:
@@ -404,6 +447,17 @@ class Logger:
 
 
 def run(task: Task) -> int:
+    """Train to `train.max_steps` (or `train.epochs`): 0 when done, EX_TEMPFAIL (75) when a signal stopped it
+    after saving, so launchers can tell a run to start again from a finished one."""
+    stop = StopRequest()  # before any work: a signal during indexing, building or resuming still ends cleanly
+    try:
+        with contextlib.ExitStack() as hold:
+            return _run(task, stop, hold)
+    finally:
+        stop.restore()
+
+
+def _run(task: Task, stop: StopRequest, hold: contextlib.ExitStack) -> int:
     cfg, env, t = task.cfg, task.env, task.cfg.train
     run_dir = Path(cfg.run.dir)
 
@@ -415,69 +469,76 @@ def run(task: Task) -> int:
     tr = setup(task)
 
     # Resume from the newest checkpoint that verifies; then wrap for DDP and write the resolved config.
-    resumed = resume(tr, run_dir)
+    resumed = resume(tr, task, hold)
     if dist.is_main():
         write_text(run_dir / "config.yaml", config.dump(cfg))
     wrap(tr, task)
     monitor = Monitor(run_dir, dist.is_main())
-    info = {"world_size": env.world_size, "ranks_per_node": env.local_world_size, "device": str(env.device),
-            "backend": env.backend, "precision": t.precision, **task.describe(tr.model)}
-    dist.print0("ddpdiff " + " ".join(f"{k}={v}" for k, v in info.items()))
-    dist.print0(f"training to step {total_steps}: {loader.batches_per_epoch} steps per epoch, global batch "
-                f"{t.global_batch} ({per_rank} on rank 0, in micro-batches of at most {micro_size(task)}), run dir "
-                f"{run_dir}")
-    if not resumed and task.eval_due(0):
-        task.evaluate(0, tr.ema.model, monitor)
+    try:
+        info = {"world_size": env.world_size, "ranks_per_node": env.local_world_size, "device": str(env.device),
+                "backend": env.backend, "precision": t.precision, **task.describe(tr.model)}
+        dist.print0("ddpdiff " + " ".join(f"{k}={v}" for k, v in info.items()))
+        dist.print0(f"training to step {total_steps}: {loader.batches_per_epoch} steps per epoch, global batch "
+                    f"{t.global_batch} ({per_rank} on rank 0, in micro-batches of at most {micro_size(task)}), run "
+                    f"dir {run_dir}")
+        if not resumed and task.eval_due(0):
+            task.evaluate(0, tr.ema.model, monitor)
+        if tr.step < total_steps and dist.any_rank(stop.signal is not None):
+            dist.print0(f"stopped by signal {stop.signal or '(on another rank)'} before step {tr.step + 1}; "
+                        "nothing new to save, the same command resumes")
+            return EX_TEMPFAIL
+        return _loop(task, tr, loader, total_steps, monitor, stop, resumed)
+    finally:
+        monitor.close()
 
-    # The loop: one optimizer step per global batch.
-    stop = StopRequest()
+
+def _loop(task: Task, tr: TrainState, loader: Any, total_steps: int, monitor: Monitor, stop: StopRequest,
+          resumed: bool) -> int:
+    """One optimizer step per global batch, with monitoring, evaluation and checkpoints, then the final save."""
+    cfg, env, t = task.cfg, task.env, task.cfg.train
     last_saved = tr.step if resumed else -1
     nonfinite_run = 0
     logger = Logger(monitor, env.device.type == "cuda", tr.step)
-    try:
-        batches_left = batches(loader, tr.epoch, tr.batch) if tr.step < total_steps else iter(())
-        for epoch, index, batch in batches_left:
-            for g in tr.optimizer.param_groups:
-                g["lr"] = lr_at(tr.step, total_steps, t)
-            losses, grad_norm = backward(tr, task, batch, logger.stats)
-            finite_grads = bool(torch.isfinite(grad_norm))
-            bad, overflow, stopping = dist.any_rank(not bool(torch.isfinite(losses).all()) or (
-                not finite_grads and not tr.scaler.is_enabled()), not finite_grads, stop.signal is not None)
+    stopping = False
+    batches_left = batches(loader, tr.epoch, tr.batch) if tr.step < total_steps else iter(())
+    for epoch, index, batch in batches_left:
+        for g in tr.optimizer.param_groups:
+            g["lr"] = lr_at(tr.step, total_steps, t)
+        losses, grad_norm = backward(tr, task, batch, logger.stats)
+        finite_grads = bool(torch.isfinite(grad_norm))
+        bad, overflow, stopping = dist.any_rank(not bool(torch.isfinite(losses).all()) or (
+            not finite_grads and not tr.scaler.is_enabled()), not finite_grads, stop.signal is not None)
 
-            # Skip a step with a non-finite loss or gradient on any rank; too many in a row ends the run. With
-            # fp16, infinite gradients are the GradScaler's routine overflow: skipped, but not counted.
-            update(tr, apply=not bad and not overflow)
-            nonfinite_run = nonfinite_run + 1 if bad else 0
-            logger.nonfinite_total += bad
-            logger.overflow_total += overflow and not bad
-            if nonfinite_run > t.max_nonfinite:
-                raise FloatingPointError(
-                    f"{nonfinite_run} non-finite losses in a row at step {tr.step}; stopping with the last good "
-                    f"checkpoint intact (lower train.lr, use bf16, or raise train.max_nonfinite)")
-            tr.advance(t.global_batch, epoch, index, loader.batches_per_epoch)
+        # Skip a step with a non-finite loss or gradient on any rank; too many in a row ends the run. With
+        # fp16, infinite gradients are the GradScaler's routine overflow: skipped, but not counted.
+        update(tr, apply=not bad and not overflow)
+        nonfinite_run = nonfinite_run + 1 if bad else 0
+        logger.nonfinite_total += bad
+        logger.overflow_total += overflow and not bad
+        if nonfinite_run > t.max_nonfinite:
+            raise FloatingPointError(
+                f"{nonfinite_run} non-finite losses in a row at step {tr.step}; stopping with the last good "
+                f"checkpoint intact (lower train.lr, use bf16, or raise train.max_nonfinite)")
+        tr.advance(t.global_batch, epoch, index, loader.batches_per_epoch)
 
-            # Monitoring, periodic evaluation and checkpoints.
-            if tr.step % cfg.log.every_steps == 0 or tr.step == total_steps:
-                logger.log(tr, epoch, losses, grad_norm, t.global_batch)
-            if task.eval_due(tr.step):
-                task.evaluate(tr.step, tr.ema.model, monitor)
-            if tr.step % cfg.checkpoint.every_steps == 0 or tr.step == total_steps or stopping:
-                save(tr, task)
-                last_saved = tr.step
-            if stopping:
-                dist.print0(f"stopped by signal {stop.signal or '(on another rank)'} at step {tr.step}; "
-                            f"checkpoint saved, the same command resumes")
-                break
-            if tr.step >= total_steps:
-                break
-
-        # Final save, unless this step is already on disk.
-        if last_saved != tr.step:
+        # Monitoring, periodic evaluation and checkpoints.
+        if tr.step % cfg.log.every_steps == 0 or tr.step == total_steps:
+            logger.log(tr, epoch, losses, grad_norm, t.global_batch)
+        if task.eval_due(tr.step):
+            task.evaluate(tr.step, tr.ema.model, monitor)
+        if tr.step % cfg.checkpoint.every_steps == 0 or tr.step == total_steps or stopping:
             save(tr, task)
-    finally:
-        stop.restore()
-        monitor.close()
-    if tr.step >= total_steps:
-        dist.print0(f"done: {tr.step} steps, checkpoints in {run_dir / 'checkpoints'}, TensorBoard logs in "
-                    f"{run_dir / 'tb'}")
+            last_saved = tr.step
+        if stopping or tr.step >= total_steps:
+            break
+
+    # Final save, unless this step is already on disk.
+    if last_saved != tr.step:
+        save(tr, task)
+    if stopping and tr.step < total_steps:
+        dist.print0(f"stopped by signal {stop.signal or '(on another rank)'} at step {tr.step}; checkpoint saved, "
+                    "the same command resumes")
+        return EX_TEMPFAIL
+    dist.print0(f"done: {tr.step} steps, checkpoints in {Path(cfg.run.dir) / 'checkpoints'}, TensorBoard logs in "
+                f"{Path(cfg.run.dir) / 'tb'}")
     return 0

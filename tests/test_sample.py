@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpdiff import checkpoint, clip, sample, train, train_sr
+from ddpdiff import checkpoint, clip, sample, train
 from ddpdiff.pipeline import Pipeline
 
 from conftest import CONFIGS
