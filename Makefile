@@ -4,15 +4,17 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# The exact versions the suite is tested with; pyproject.toml only gives ranges.
+CONSTRAINTS := constraints.txt
 
 .PHONY: demo test test-fast venv clean
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "Installing ddpdiff and its dependencies into $(VENV) (first run takes a minute or two)..."
-	$(PY) -m pip install --quiet --disable-pip-version-check --no-compile -e '.[dev]'
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-compile -c $(CONSTRAINTS) -e '.[dev]'
 	@touch $@
 
 demo: $(STAMP)

@@ -28,3 +28,15 @@ def test_readme_python_example_runs(diffusion_run, sr_run):
     exec(code, scope)
     assert scope["faces"].shape == (8, 3, 64, 64) and scope["big"].shape == (8, 3, 512, 512)
     assert scope["faces"].min() >= -1 and scope["faces"].max() <= 1 and not torch.equal(scope["faces"][0], scope["faces"][1])
+
+
+def test_one_shard_path_for_celeba():
+    """The configs that train on CelebA and every README command read the shards where step 2 writes them."""
+    import yaml
+
+    path = "data/celeba/shards"
+    for name in ("celeba64.yaml", "sr.yaml", "classifier.yaml"):
+        assert yaml.safe_load((REPO / "jobs" / "configs" / name).read_text())["data"]["shards"] == path, name
+    text = (REPO / "README.md").read_text()
+    used = re.findall(r"(?:--data\.shards|--out|slurm/shard\.sh \S+) (\S*shards)\b", text)
+    assert used and set(used) == {path}, used
