@@ -7,6 +7,12 @@ the same numbers everywhere (up to the float16 the shards store).
 Its text tower starts its residual branches small (`ls_init_value`: open_clip's LayerScale). Otherwise
 random attention would overwrite each word's state with the average of the words before it, and a
 denoiser could not tell late attributes apart (docs/benchmarks.md, Demo).
+
+The activation: OpenAI's weights were trained with QuickGELU, but open_clip's plain names (`ViT-B-32`) build
+GELU and load those weights into it with at most a warning, so every embedding would be subtly wrong. The
+model name decides (`ViT-B-32-quickgelu`, the default, builds QuickGELU), except that a pretrained tag that
+open_clip knows was trained with QuickGELU (`openai`) forces it. A local weights file says nothing about
+itself: name the QuickGELU model for OpenAI's weights. The "clip" entry records what the model has.
 """
 
 from __future__ import annotations
@@ -18,11 +24,13 @@ import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
+from open_clip.transformer import QuickGELU
 from PIL import Image
 
 from .errors import UsageError
 
 CONFIG_DIR = Path(__file__).resolve().parent / "clip_configs"
+DEFAULT_MODEL, DEFAULT_PRETRAINED = "ViT-B-32-quickgelu", "openai"  # OpenAI's ViT-B/32 with its own activation
 RANDOM_WEIGHTS_SEED = 0  # `--clip-pretrained none` always builds the same weights
 # Cosine similarity below which an encoder's embedding of "" is not the one a checkpoint stored: float16
 # storage and device differences stay far above it, other weights far below.
@@ -50,12 +58,34 @@ def _resolve_model(model: str) -> str:
     return model
 
 
-def _create(name: str, pretrained: str, device: str) -> tuple[torch.nn.Module, object]:
-    """The model in eval mode and its evaluation preprocessing; random weights are seeded locally."""
+def _config_quick_gelu(model: str) -> bool:
+    """What open_clip builds for `model` by its config alone (and what it built before the tag rule)."""
+    return bool(open_clip.get_model_config(_resolve_model(model)).get("quick_gelu", False))
+
+
+def builds_quick_gelu(model: str, pretrained: str) -> bool:
+    """Whether `load(model, pretrained)` builds QuickGELU: the model config's activation, or QuickGELU where
+    open_clip's tag table says the weights were trained with it (a local file or 'none' has no tag)."""
+    tag = open_clip.get_pretrained_cfg(_resolve_model(model), pretrained).get("quick_gelu", False)
+    return bool(tag) or _config_quick_gelu(model)
+
+
+def recorded_quick_gelu(info: dict) -> bool:
+    """The activation of a "clip" entry; older entries lack it and were built by their model config alone."""
+    return info["quick_gelu"] if "quick_gelu" in info else _config_quick_gelu(info["model"])
+
+
+def _create(name: str, pretrained: str, device: str, quick: bool) -> tuple[torch.nn.Module, object]:
+    """The model in eval mode and its evaluation preprocessing; random weights are seeded locally.
+
+    `quick` only ever adds QuickGELU: a config that has it keeps it, and a record that says otherwise is then
+    refused by `mismatch`.
+    """
     if pretrained == "none":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_WEIGHTS_SEED)
-            model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, device=device)
+            model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, device=device,
+                                                                         force_quick_gelu=quick)
         return model.eval(), preprocess
     is_path = os.sep in pretrained or pretrained.endswith((".bin", ".pt", ".pth", ".safetensors"))
     if is_path and not os.path.isfile(pretrained):
@@ -64,7 +94,8 @@ def _create(name: str, pretrained: str, device: str) -> tuple[torch.nn.Module, o
         raise ClipError(f"{name} has no pretrained tag {pretrained!r}: pass one of "
                         f"{open_clip.list_pretrained_tags_by_model(name) or []}, a local weights file, or 'none'")
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device,
+                                                                     force_quick_gelu=quick)
     except Exception as e:  # download failures arrive as many exception types
         first = (str(e).splitlines() or [type(e).__name__])[0][:160]
         raise ClipError(f"could not load {name} weights {pretrained!r} ({first}); offline? download the "
@@ -75,12 +106,14 @@ def _create(name: str, pretrained: str, device: str) -> tuple[torch.nn.Module, o
 class Encoder:
     """An open_clip model with its tokenizer and preprocessing, returning numpy float32 arrays."""
 
-    def __init__(self, model: str = "ViT-B-32", pretrained: str = "openai", device: str = "cpu"):
+    def __init__(self, model: str = DEFAULT_MODEL, pretrained: str = DEFAULT_PRETRAINED, device: str = "cpu",
+                 quick_gelu: bool | None = None):
         # A config file is recorded by absolute path so the manifest reloads it from any directory.
         self.model_name = str(Path(model).resolve()) if model.endswith(".json") else model
         self.pretrained, self.device = pretrained, device
         name = _resolve_model(model)
-        self.model, self.preprocess = _create(name, pretrained, device)
+        quick = builds_quick_gelu(model, pretrained) if quick_gelu is None else quick_gelu
+        self.model, self.preprocess = _create(name, pretrained, device, quick)
         self.tokenizer = open_clip.get_tokenizer(name)
         text = getattr(self.model, "text", self.model)  # CustomTextCLIP keeps its text tower in .text
         if getattr(text, "cls_emb", None) is not None or not hasattr(text, "ln_final"):
@@ -91,9 +124,11 @@ class Encoder:
         self.token_dim = int(self._ln_final.normalized_shape[0])
 
     def info(self) -> dict:
-        """The manifest's "clip" entry: enough to reload this encoder with `load(model, pretrained)`."""
+        """The manifest's "clip" entry: enough to reload this encoder (`load_matching`); "quick_gelu" is what
+        the built model has, not what was asked for."""
         return {"model": self.model_name, "pretrained": self.pretrained, "dim": self.dim,
-                "token_dim": self.token_dim, "token_layer": TOKEN_LAYER, "text_layers": self._text_layers}
+                "token_dim": self.token_dim, "token_layer": TOKEN_LAYER, "text_layers": self._text_layers,
+                "quick_gelu": any(isinstance(m, QuickGELU) for m in self.model.modules())}
 
     @torch.no_grad()
     def encode_pixels(self, pixels: torch.Tensor) -> np.ndarray:
@@ -129,33 +164,46 @@ class Encoder:
         return self.encode_prompts(texts)[1]
 
 
-def load(model: str = "ViT-B-32", pretrained: str = "openai", device: str = "cpu") -> Encoder:
-    """An encoder for `model` (open_clip name, 'tiny', or config .json) with `pretrained` (tag, file, 'none')."""
-    return Encoder(model, pretrained, device)
+def load(model: str = DEFAULT_MODEL, pretrained: str = DEFAULT_PRETRAINED, device: str = "cpu",
+         quick_gelu: bool | None = None) -> Encoder:
+    """An encoder for `model` (open_clip name, 'tiny', or config .json) with `pretrained` (tag, file, 'none');
+    `quick_gelu` True forces QuickGELU, False leaves the model config's, None follows `builds_quick_gelu`."""
+    return Encoder(model, pretrained, device, quick_gelu)
+
+
+def cosine(a, b) -> float:
+    """Cosine similarity of two embeddings (or stacks of them, flattened)."""
+    a, b = (np.asarray(e, np.float32).ravel() for e in (a, b))
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
 def mismatch(want: dict, want_empty: dict, got: dict, got_empty: dict) -> str | None:
     """Why embeddings made by the encoder `got` ("clip" entry, empty prompt's embeddings) are not those of
-    `want`: other widths, token layer or model, or other weights (the empty prompt embedded differently)."""
-    fields = [k for k in ("model", "dim", "token_dim", "token_layer", "text_layers") if k in want and k in got]
+    `want`: other widths, token layer, activation or model, or other weights (the empty prompt embedded
+    differently; an activation alone barely changes it, hence its own field)."""
+    if "quick_gelu" in want or "quick_gelu" in got:
+        want, got = ({**e, "quick_gelu": recorded_quick_gelu(e)} for e in (want, got))
+    fields = [k for k in ("model", "dim", "token_dim", "token_layer", "text_layers", "quick_gelu")
+              if k in want and k in got]
     if any(got[k] != want[k] for k in fields):
         return f"trained with {_fmt(want, fields)}, but {got['model']} {got.get('pretrained')!r} is {_fmt(got, fields)}"
-    a, b = (np.asarray(e["clip_text"], np.float32) for e in (want_empty, got_empty))
-    cosine = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
-    if cosine < SAME_WEIGHTS:
+    cos = cosine(want_empty["clip_text"], got_empty["clip_text"])
+    if cos < SAME_WEIGHTS:
         return (f"trained with {want['model']} weights {want.get('pretrained')!r}, but {got.get('pretrained')!r} "
-                f"embeds the empty prompt differently (cosine {cosine:.3f})")
+                f"embeds the empty prompt differently (cosine {cos:.3f})")
     return None
 
 
 def load_matching(info: dict, empty_prompt: dict, device: str = "cpu", pretrained: str | None = None,
                   where: str = "checkpoint") -> Encoder:
     """The encoder that made a checkpoint's embeddings, `info` being its "clip" entry and `empty_prompt` its
-    stored embeddings of ""; `pretrained` relocates the weights (a local file on an offline node).
+    stored embeddings of ""; `pretrained` relocates the weights (a local file on an offline node). It has the
+    recorded activation, whatever the tag rule says today: a checkpoint trained on GELU embeddings of
+    OpenAI's weights (before the rule) gets them again.
 
     Raises ClipError when the encoder differs from the one recorded (`mismatch`).
     """
-    enc = load(info["model"], pretrained or info["pretrained"], device)
+    enc = load(info["model"], pretrained or info["pretrained"], device, recorded_quick_gelu(info))
     problem = mismatch(info, empty_prompt, enc.info(), {"clip_text": enc.encode_texts([""])[0]})
     if problem:
         raise ClipError(f"CLIP mismatch: {where} was {problem}: pass the same weights with --clip-pretrained")

@@ -270,7 +270,7 @@ def _verified(out: Path, task_file: Path, header: dict) -> dict[str, dict]:
     if not task_file.is_file():
         return {}
     progress = json.loads(task_file.read_text())
-    changed = next((k for k in header if progress["header"].get(k) != header[k]), None)
+    changed = _header_change(progress["header"], header)
     if changed:
         raise ShardError(f"cannot resume into {out}: {changed!r} differs from the interrupted run "
                          "(use the same flags, or --overwrite)")
@@ -278,12 +278,34 @@ def _verified(out: Path, task_file: Path, header: dict) -> dict[str, dict]:
             if (out / s["path"]).is_file() and sha256_file(out / s["path"]) == s["sha256"]}
 
 
+def _header_change(old: dict, new: dict) -> str | None:
+    """The first field in which two tasks' or runs' headers differ; None when they are the same run's.
+
+    The empty prompt's embeddings differ by float noise between devices (CPU and CUDA kernels), so they count
+    as changed only when their cosine says other weights; every other field must be equal.
+    """
+    changed = next((k for k in new if k != "empty_prompt" and old.get(k) != new[k]), None)
+    if changed:
+        return changed
+    old_empty = old.get("empty_prompt") or {}
+    return next((f"empty_prompt.{k}" for k, v in new["empty_prompt"].items()
+                 if not _same_embeddings(old_empty.get(k), v)), None)
+
+
+def _same_embeddings(a, b) -> bool:
+    """Both absent, or of one shape and the same weights' (cosine at least clip.SAME_WEIGHTS)."""
+    if a is None or b is None:
+        return a is b
+    return np.shape(a) == np.shape(b) and clip.cosine(a, b) >= clip.SAME_WEIGHTS
+
+
 # ---- the entry points
 
-def write_shards(root, out, *, image_size: int = 64, samples_per_shard: int = 1000, clip_model: str = "ViT-B-32",
-                 clip_pretrained: str = "openai", tokens: bool = True, device: str | None = None,
-                 workers: int | None = None, clip_batch_size: int = 256, resume: bool = False,
-                 overwrite: bool = False, num_tasks: int = 1, task_index: int = 0, progress: bool = True) -> dict:
+def write_shards(root, out, *, image_size: int = 64, samples_per_shard: int = 1000,
+                 clip_model: str = clip.DEFAULT_MODEL, clip_pretrained: str = clip.DEFAULT_PRETRAINED,
+                 tokens: bool = True, device: str | None = None, workers: int | None = None,
+                 clip_batch_size: int = 256, resume: bool = False, overwrite: bool = False, num_tasks: int = 1,
+                 task_index: int = 0, progress: bool = True) -> dict:
     """Shard the CelebA folder `root` into `out`; this task's shards only when `num_tasks` > 1.
 
     Returns the manifest (also written to OUT/manifest.json) for a single task, else the task's partial
@@ -379,8 +401,7 @@ def merge(out) -> dict:
         raise ShardError(f"{out}: tasks {missing + incomplete} of {num_tasks} are missing or unfinished "
                          "(rerun them with --resume, then merge)")
     header = tasks[0]["header"]
-    differs = [t["task"]["index"] for t in tasks if {**t["header"], "empty_prompt": None}
-               != {**header, "empty_prompt": None}]
+    differs = [t["task"]["index"] for t in tasks if _header_change(header, t["header"])]
     if differs:
         raise ShardError(f"{out}: tasks {differs} were run with different flags than task 0")
     order = {s: i for i, s in enumerate(celeba.SPLITS)}

@@ -116,3 +116,15 @@ def sr_run(shards_dir, tmp_path_factory) -> Path:
     assert train_sr.main(["--config", str(CONFIGS / "sr_smoke.yaml"), "--data.shards", str(shards_dir),
                           "--run.dir", str(out), "--train.max_steps", "2", "--sr.eval_every_steps", "0"]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_quick_gelu(tmp_path_factory) -> Path:
+    """The tiny CLIP config with "quick_gelu": true, as open_clip's -quickgelu configs have it."""
+    import json
+
+    from ddpdiff import clip
+
+    path = tmp_path_factory.mktemp("clip") / "tiny-quickgelu.json"
+    path.write_text(json.dumps(json.loads((clip.CONFIG_DIR / "tiny.json").read_text()) | {"quick_gelu": True}))
+    return path

@@ -4,8 +4,10 @@ import os
 import subprocess
 
 import numpy as np
+import open_clip
 import pytest
 import torch
+from open_clip.transformer import QuickGELU
 from PIL import Image
 
 from ddpdiff import clip
@@ -36,7 +38,76 @@ def test_tiny_by_config_path_equals_tiny_by_name(tiny):
 
 def test_info(tiny):
     assert tiny.info() == {"model": "tiny", "pretrained": "none", "dim": 64, "token_dim": 128,
-                           "token_layer": "ln_final", "text_layers": 4}
+                           "token_layer": "ln_final", "text_layers": 4, "quick_gelu": False}
+
+
+# ---- the activation: OpenAI's weights need QuickGELU
+
+@pytest.fixture(scope="module")
+def tiny_quick():
+    return clip.load("tiny", "none", quick_gelu=True)
+
+
+def empty(encoder) -> dict:
+    return {"clip_text": encoder.encode_texts([""])[0]}
+
+
+def activations(encoder) -> set[type]:
+    return {type(m) for m in encoder.model.modules() if isinstance(m, (QuickGELU, torch.nn.GELU))}
+
+
+def test_quick_gelu_is_built_and_recorded(tiny, tiny_quick):
+    assert activations(tiny) == {torch.nn.GELU} and tiny.info()["quick_gelu"] is False
+    assert activations(tiny_quick) == {QuickGELU} and tiny_quick.info()["quick_gelu"] is True
+    assert tiny_quick.info() | {"quick_gelu": False} == tiny.info()
+
+
+@pytest.mark.parametrize("model, pretrained, quick", [
+    ("ViT-B-32", "openai", True),  # open_clip's plain name would load OpenAI's weights into GELU
+    ("ViT-B-32", "laion2b_s34b_b79k", False),  # trained with GELU
+    ("ViT-B-32", "/weights/ViT-B-32.bin", False),  # a local file: the model name decides
+    ("ViT-B-32-quickgelu", "/weights/ViT-B-32.bin", True),
+    ("tiny", "none", False),
+])
+def test_openai_tags_force_quick_gelu_and_local_files_follow_the_name(model, pretrained, quick):
+    assert clip.builds_quick_gelu(model, pretrained) is quick
+
+
+def test_default_model_has_quick_gelu_and_openais_weights():
+    """Random weights: the architecture the default `openai` weights are loaded into."""
+    assert clip.DEFAULT_PRETRAINED in open_clip.list_pretrained_tags_by_model(clip.DEFAULT_MODEL)
+    encoder = clip.load(clip.DEFAULT_MODEL, "none")
+    assert activations(encoder) == {QuickGELU} and encoder.info()["quick_gelu"] is True
+
+
+def test_mismatch_names_the_activation(tiny, tiny_quick):
+    """The activation alone barely moves the empty prompt, so the weights check would not catch it."""
+    assert clip.cosine(empty(tiny)["clip_text"], empty(tiny_quick)["clip_text"]) >= clip.SAME_WEIGHTS
+    problem = clip.mismatch(tiny.info(), empty(tiny), tiny_quick.info(), empty(tiny_quick))
+    assert "quick_gelu=False}, but tiny 'none' is {" in problem and problem.endswith("quick_gelu=True}")
+
+
+def test_an_entry_without_activation_has_its_model_configs(tiny, tiny_quick, tiny_quick_gelu):
+    """Older manifests and checkpoints: built by the model config alone, so ViT-B-32 with 'openai' was GELU."""
+    older = {k: v for k, v in tiny.info().items() if k != "quick_gelu"}
+    assert clip.mismatch(older, empty(tiny), tiny.info(), empty(tiny)) is None
+    assert "quick_gelu=True" in clip.mismatch(older, empty(tiny), tiny_quick.info(), empty(tiny_quick))
+    assert clip.recorded_quick_gelu({"model": "ViT-B-32", "pretrained": "openai"}) is False
+    assert clip.recorded_quick_gelu({"model": str(tiny_quick_gelu), "pretrained": "none"}) is True
+
+
+def test_load_matching_rebuilds_the_recorded_activation(tiny, tiny_quick):
+    assert clip.load_matching(tiny_quick.info(), empty(tiny_quick)).info()["quick_gelu"] is True
+    older = {k: v for k, v in tiny.info().items() if k != "quick_gelu"}
+    assert clip.load_matching(older, empty(tiny)).info()["quick_gelu"] is False
+
+
+def test_load_matching_refuses_a_model_without_the_recorded_activation(tiny_quick_gelu):
+    """A config that now builds QuickGELU, for a checkpoint whose embeddings came from GELU."""
+    encoder = clip.load(str(tiny_quick_gelu), "none")
+    with pytest.raises(clip.ClipError, match=r"^CLIP mismatch: checkpoint was trained with \{.*quick_gelu=False\}, "
+                                             r"but .* is \{.*quick_gelu=True\}: [^\n]*$"):
+        clip.load_matching(encoder.info() | {"quick_gelu": False}, empty(encoder))
 
 
 def test_image_embeddings_are_normalised(tiny):
@@ -105,6 +176,6 @@ def test_load_errors_say_what_to_pass(model, pretrained, message):
 def test_offline_hub_error_says_how_to_pass_a_local_file(repo, python):
     """Run where no weights are cached and the hub is unreachable (HF_HUB_OFFLINE)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME="/nonexistent-cache")
-    code = "from ddpdiff import clip\ntry:\n clip.load('ViT-B-32', 'openai')\nexcept clip.ClipError as e:\n print(e)"
+    code = "from ddpdiff import clip\ntry:\n clip.load()\nexcept clip.ClipError as e:\n print(e)"
     out = subprocess.run([python, "-c", code], cwd=repo, env=env, capture_output=True, text=True, timeout=120)
     assert "--clip-pretrained /path/to/weights" in out.stdout and out.stdout.count("\n") == 1

@@ -106,6 +106,21 @@ def test_a_checkpoint_whose_clip_differs_is_an_error(run, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_checkpoint_from_before_the_activation_was_recorded_samples_the_same(run, tmp_path):
+    older = _tampered(run, tmp_path, lambda state: state["meta"]["clip"].pop("quick_gelu"))
+    torch.testing.assert_close(_generate(older), _generate(run))
+
+
+def test_a_clip_without_the_recorded_activation_is_an_error(run, tmp_path, tiny_quick_gelu, capsys):
+    """The checkpoint's CLIP config now builds QuickGELU (same seeded weights), its embeddings came from GELU."""
+    def quick_config(state):
+        state["meta"]["clip"] |= {"model": str(tiny_quick_gelu.resolve()), "quick_gelu": False}
+    assert _cli(_tampered(run, tmp_path, quick_config), tmp_path / "out") == 2
+    err = capsys.readouterr().err.strip()
+    assert "CLIP mismatch" in err and "quick_gelu=False}, but" in err and "\n" not in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_clip_weights_can_be_relocated_but_must_be_the_same(run, tmp_path, capsys):
     same = tmp_path / "same.pt"
     torch.save(clip.load("tiny", "none").model.state_dict(), same)

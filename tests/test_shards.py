@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 import webdataset as wds
 from PIL import Image
 
@@ -38,7 +39,7 @@ def test_manifest_fields(manifest, celeba_root):
     assert manifest["attributes"] == list(celeba.ATTRIBUTES)
     assert manifest["clip"] | {"text_layers": None} == {"model": "tiny", "pretrained": "none", "dim": 64,
                                                         "token_dim": 128, "token_layer": "ln_final",
-                                                        "text_layers": None}
+                                                        "text_layers": None, "quick_gelu": False}
     assert manifest["skipped"] == []
     for split in celeba.SPLITS:
         entry = manifest["splits"][split]
@@ -167,6 +168,17 @@ def test_resume_rewrites_a_corrupted_shard_and_refuses_other_flags(celeba_root, 
         shards.write_shards(celeba_root, tmp_path, **TINY | {"image_size": 32}, resume=True)
 
 
+def test_make_shards_defaults_to_openais_weights_with_quick_gelu(make_shards):
+    args = make_shards.parse_args(["--root", "celeba", "--out", "shards"])
+    assert (args.clip_model, args.clip_pretrained) == (clip.DEFAULT_MODEL, clip.DEFAULT_PRETRAINED)
+    assert clip.builds_quick_gelu(args.clip_model, args.clip_pretrained)
+
+
+def test_manifest_records_a_quick_gelu_model(odd_root, tmp_path, tiny_quick_gelu):
+    manifest = shards.write_shards(odd_root, tmp_path, **TINY | {"clip_model": str(tiny_quick_gelu)})
+    assert manifest["clip"]["quick_gelu"] is True and manifest["clip"]["model"] == str(tiny_quick_gelu)
+
+
 def test_no_tokens(odd_root, tmp_path):
     manifest = shards.write_shards(odd_root, tmp_path, **TINY, tokens=False)
     assert manifest["clip"]["token_dim"] is None and manifest["empty_prompt"]["tokens"] is None
@@ -231,6 +243,45 @@ def test_bad_images_are_skipped_counted_and_listed(odd_root, tmp_path, make_shar
     assert [s["count"] for s in manifest["splits"]["train"]["shards"]] == [3, 0]
     out = capsys.readouterr().out
     assert "skipped 3" in out and all(f"skipped {f}: {r}" in out for f, r in reasons.items())
+
+
+# ---- resuming on another device
+
+def _set_empty_prompt(out, change) -> None:
+    """Rewrite the empty prompt that the interrupted run's task file recorded, as another device would have."""
+    task_file = next((out / shards.TASK_DIR).glob("task-*.json"))
+    progress = json.loads(task_file.read_text())
+    progress["header"]["empty_prompt"] = change(progress["header"]["empty_prompt"])
+    task_file.write_text(json.dumps(progress))
+
+
+def test_resume_accepts_float_noise_in_the_empty_prompt(odd_root, tmp_path):
+    """CPU and CUDA kernels round differently: a few float16 steps apart, the same weights."""
+    shards.write_shards(odd_root, tmp_path, **TINY)
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in tmp_path.rglob("*.tar")}
+    rng = np.random.default_rng(0)
+
+    def noisy(values):
+        a = np.asarray(values)
+        return (a * (1 + rng.uniform(-2e-3, 2e-3, a.shape))).astype(np.float16).astype(float).tolist()
+    _set_empty_prompt(tmp_path, lambda e: {k: noisy(v) for k, v in e.items()})
+    shards.write_shards(odd_root, tmp_path, **TINY, resume=True)
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in tmp_path.rglob("*.tar")} == before
+
+
+def test_resume_refuses_an_empty_prompt_from_other_weights(odd_root, tmp_path, make_shards, capsys):
+    args = ["--root", str(odd_root), "--out", str(tmp_path / "out"), "--clip-model", "tiny", "--clip-pretrained",
+            "none", "--samples-per-shard", "4", "--workers", "0", "--no-progress"]
+    assert make_shards.main(args) == 0
+    other = tmp_path / "other.pt"
+    torch.save({k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v
+                for k, v in clip.load("tiny", "none").model.state_dict().items()}, other)
+    text, tokens = clip.load("tiny", str(other)).encode_prompts([""])
+    _set_empty_prompt(tmp_path / "out", lambda e: {"clip_text": text[0].tolist(), "tokens": tokens[0].tolist()})
+    capsys.readouterr()
+    assert make_shards.main(args + ["--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'empty_prompt.clip_text' differs from the interrupted run" in err
 
 
 # ---- a killed run

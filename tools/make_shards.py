@@ -6,7 +6,7 @@ Restartable (--resume), byte-identical for the same input and flags, and splitta
 (--num-tasks/--task-index, then --merge OUT). Bad annotation files, a refused OUT or an unloadable CLIP
 model exit with status 2 and one line saying what is wrong.
 
-  make_shards.py --root data/celeba --out data/shards --clip-pretrained /weights/vitb32.bin   # offline ViT-B-32
+  make_shards.py --root data/celeba --out data/shards --clip-pretrained /weights/ViT-B-32.bin  # offline, OpenAI's
   make_shards.py --root /tmp/celeba --out /tmp/shards --clip-model tiny --clip-pretrained none   # tests, demo
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ddpdiff import celeba, shards  # noqa: E402
+from ddpdiff import celeba, clip, shards  # noqa: E402
 from ddpdiff.errors import cli  # noqa: E402
 
 
@@ -30,10 +30,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                   "OUT/manifest.json (the last step of a SLURM array)")
     p.add_argument("--image-size", type=int, default=64, help="side of the resized square image (default 64)")
     p.add_argument("--samples-per-shard", type=int, default=1000, help="images per shard (default 1000)")
-    p.add_argument("--clip-model", default="ViT-B-32",
-                   help="open_clip model name, 'tiny' (shipped test model) or a model config .json")
-    p.add_argument("--clip-pretrained", default="openai",
-                   help="open_clip pretrained tag, a local weights file, or 'none' for seeded random weights")
+    p.add_argument("--clip-model", default=clip.DEFAULT_MODEL,
+                   help=f"open_clip model name, 'tiny' (shipped test model) or a model config .json (default "
+                        f"{clip.DEFAULT_MODEL}: OpenAI's weights need QuickGELU)")
+    p.add_argument("--clip-pretrained", default=clip.DEFAULT_PRETRAINED,
+                   help="open_clip pretrained tag, a local weights file, or 'none' for seeded random weights; a "
+                        "tag trained with QuickGELU (openai) forces it, a local file gets the --clip-model's")
     p.add_argument("--no-tokens", dest="tokens", action="store_false",
                    help="omit KEY.clip_tokens.npy (per-token text states)")
     p.add_argument("--device", choices=["cuda", "cpu"], default=None, help="CLIP device (default: cuda if available)")

@@ -31,7 +31,8 @@ class DenoiserMeta:
     kind: ClassVar[str] = "denoiser"
     name: ClassVar[str] = "a diffusion"
     trainer: ClassVar[str] = "python -m ddpdiff.train"
-    clip: dict[str, Any]  # the manifest's "clip": model, pretrained, dim, token_dim, token_layer, text_layers
+    clip: dict[str, Any]  # the manifest's "clip": model, pretrained, dim, token_dim, token_layer, text_layers,
+    # quick_gelu (absent in older ones)
     image_size: int
     empty_prompt: dict[str, Any]  # {"clip_text": [D floats], "tokens": [[Dt floats]] or None}
 
