@@ -34,7 +34,7 @@ def _f(default: Any, help: str) -> Any:
 
 @dataclass
 class DataConfig:
-    shards: str = _f("data/shards", "shard directory written by tools/make_shards.py (holds manifest.json)")
+    shards: str = _f("data/celeba/shards", "shard directory written by tools/make_shards.py (holds manifest.json)")
     workers: int = _f(2, "data loader worker processes per rank")
 
 

@@ -8,7 +8,6 @@ Layout and manifest fields are the contract in docs/architecture.md.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import itertools
 import json
@@ -26,7 +25,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from . import __version__, celeba, clip
-from .atomic import atomic_write, sha256_file
+from .atomic import HashingWriter, atomic_write, sha256_file
 from .errors import UsageError
 
 FORMAT, VERSION = "ddpdiff-shards", 1
@@ -142,17 +141,6 @@ def ordered_map(fn: Callable, items: Iterable, workers: int, window: int) -> Ite
 
 # ---- writing one shard
 
-class _HashingWriter:
-    """Passes writes through to `f` and hashes them, so a shard's sha256 costs no second read."""
-
-    def __init__(self, f):
-        self.f, self.sha256 = f, hashlib.sha256()
-
-    def write(self, data: bytes) -> int:
-        self.sha256.update(data)
-        return self.f.write(data)
-
-
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     """One member with fixed metadata (mtime 0, root, 0644), so identical input gives identical bytes."""
     info = tarfile.TarInfo(name)
@@ -169,7 +157,7 @@ def write_shard(out: Path, path: str, rows: list[dict], prepared: Iterator[Prepa
     """Write shard OUT/`path` atomically from `rows` and their CPU-stage results; returns its record."""
     skipped, count = [], 0
     with atomic_write(out / path) as f:
-        out = _HashingWriter(f)
+        out = HashingWriter(f)
         with tarfile.open(fileobj=out, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
             for start in range(0, len(rows), batch_size):
                 batch = [(row, next(prepared)) for row in rows[start:start + batch_size]]

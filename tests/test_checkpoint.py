@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from ddpdiff import checkpoint
@@ -35,6 +36,69 @@ def test_truncated_or_corrupt_newest_falls_back_to_previous(tmp_path):
     state, path = checkpoint.load_latest(tmp_path, log=messages.append)
     assert state["step"] == 1 and path == checkpoint.path_for(tmp_path, 1)
     assert len(messages) == 2 and "step_00000003.pt" in messages[0] and "checksum" in messages[0]
+    assert checkpoint.candidates(tmp_path) == [path]  # the unusable ones are set aside, never counted again
+    assert sorted(p.name for p in (tmp_path / "checkpoints" / "set_aside").iterdir()) == [
+        "step_00000002.pt", "step_00000002.pt.sha256", "step_00000003.pt", "step_00000003.pt.sha256"]
+
+
+def test_a_resume_past_corrupt_checkpoints_never_loses_the_one_it_writes(tmp_path):
+    """With keep=1, counting a corrupt newer file as complete made each save delete the one it had just written."""
+    for step in (3, 6):
+        checkpoint.save(tmp_path, step, _state(step), keep=2)
+    corrupt = checkpoint.path_for(tmp_path, 6)
+    corrupt.write_bytes(corrupt.read_bytes()[:-10])
+    state, _ = checkpoint.load_latest(tmp_path, log=lambda m: None)
+    assert state["step"] == 3
+    for step in (4, 5):
+        written = checkpoint.save(tmp_path, step, _state(step), keep=1)
+        assert checkpoint.candidates(tmp_path) == [written] and checkpoint.verify(written) is None
+
+
+def test_an_older_step_written_after_a_newer_one_is_kept(tmp_path):
+    checkpoint.save(tmp_path, 9, _state(9), keep=1)
+    written = checkpoint.save(tmp_path, 4, _state(4), keep=1)  # e.g. a newer file that was never verified
+    assert written in checkpoint.candidates(tmp_path)
+
+
+def test_when_no_checkpoint_is_usable_the_run_is_refused_not_restarted(tmp_path):
+    checkpoint.save(tmp_path, 2, _state(2), keep=2)
+    path = checkpoint.path_for(tmp_path, 2)
+    path.write_bytes(b"garbage")
+    with pytest.raises(checkpoint.CheckpointError, match=r"no checkpoint is usable \(step_00000002.pt: checksum"):
+        checkpoint.load_latest(tmp_path, log=lambda m: None)
+    assert checkpoint.load_latest(tmp_path) is None  # set aside now: only run.fresh may start again
+
+
+def test_a_checkpoint_whose_pickle_would_run_code_is_rejected_unexecuted(tmp_path):
+    import hashlib
+    import pickle
+
+    class Boom:
+        def __reduce__(self):
+            return (exec, ("open(%r, 'w').write('ran')" % str(tmp_path / "ran"),))
+    checkpoint.save(tmp_path, 1, _state(1), keep=5)
+    path = checkpoint.path_for(tmp_path, 2)
+    path.write_bytes(pickle.dumps({"step": 2, "x": Boom()}))
+    path.with_name(path.name + ".sha256").write_text(hashlib.sha256(path.read_bytes()).hexdigest() + "\n")
+    messages = []
+    state, _ = checkpoint.load_latest(tmp_path, log=messages.append)
+    assert state["step"] == 1 and "does not load" in messages[0] and not (tmp_path / "ran").exists()
+
+
+def test_leftovers_of_killed_saves_are_removed(tmp_path):
+    checkpoint.save(tmp_path, 1, _state(1), keep=5)
+    stale = tmp_path / "checkpoints" / ".step_00000002.pt.4242.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    assert checkpoint.remove_temporaries(tmp_path) == [stale] and not stale.exists()
+
+
+def test_a_run_directory_is_held_by_one_run(tmp_path):
+    with checkpoint.locked(tmp_path):
+        with pytest.raises(checkpoint.CheckpointError, match=r"in use by another run \(pid \d+ on "):
+            with checkpoint.locked(tmp_path):
+                pass
+    with checkpoint.locked(tmp_path):  # released with its holder
+        pass
 
 
 def test_unfinished_save_without_checksum_is_ignored(tmp_path):

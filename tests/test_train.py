@@ -254,8 +254,9 @@ def test_corrupt_newest_checkpoint_is_reported_and_the_previous_used(shards_dir,
     newest.write_bytes(newest.read_bytes()[:-50])
     assert train.main(_args(shards_dir, run)) == 0
     out = capsys.readouterr().out
-    assert "step_00000006.pt skipped: checksum mismatch" in out and "resumed from" in out and "(step 3," in out
+    assert "step_00000006.pt set aside in" in out and "checksum mismatch" in out and "(step 3," in out
     assert _final(run)["step"] == 6
+    assert (run / "checkpoints" / "set_aside" / "step_00000006.pt").is_file()  # kept for inspection
 
 
 @pytest.mark.slow
@@ -418,3 +419,82 @@ def test_checkpoints_of_the_former_layout_still_load_and_resume(shards_dir, tmp_
     for i, p in enumerate(tr.model.parameters()):  # the former state, parameter by parameter
         assert torch.equal(tr.optimizer.state[p]["exp_avg_sq"], state["optimizer"]["state"][i]["exp_avg_sq"])
     assert train.main(_args(shards_dir, run, "--train.max_steps", 5)) == 0 and _final(run)["step"] == 5
+
+
+def test_a_resume_that_changes_the_data_order_or_the_model_is_refused(shards_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train.main(_args(shards_dir, run, "--train.max_steps", 3)) == 0
+    capsys.readouterr()
+    assert train.main(_args(shards_dir, run, "--train.max_steps", 4, "--train.seed", 1, "--model.dropout", 0.5)) == 2
+    err = capsys.readouterr().err.strip()
+    assert "was trained to step 3 with other settings" in err and "train.seed 0 -> 1" in err
+    assert "model.dropout 0.0 -> 0.5" in err and err.count("\n") == 0
+    assert train.main(_args(shards_dir, run, "--train.max_steps", 4, "--train.lr", 5e-4)) == 0
+    out = capsys.readouterr().out
+    assert "settings changed since step 3: train.max_steps 3 -> 4; train.lr 0.001 -> 0.0005" in out
+    assert _final(run)["step"] == 4
+
+
+def test_no_usable_checkpoint_refuses_the_run_unless_fresh(shards_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train.main(_args(shards_dir, run)) == 0
+    for path in checkpoint.candidates(run):
+        path.write_bytes(b"x")
+    assert train.main(_args(shards_dir, run)) == 2
+    err = capsys.readouterr().err
+    assert "no checkpoint is usable (step_00000006.pt: checksum mismatch" in err and "--run.fresh true" in err
+    assert train.main(_args(shards_dir, run, "--run.fresh", "true", "--train.max_steps", 2)) == 0
+    assert _final(run)["step"] == 2
+
+
+def _single(args, **kw):
+    cmd = [sys.executable, "-m", "ddpdiff.train", *args]
+    return subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def _read_until(proc, prefix, timeout=120):
+    """Lines of proc's output up to the first that starts with `prefix` (killing proc if it never comes)."""
+    deadline, lines = time.monotonic() + timeout, []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith(prefix):
+            return lines
+        if time.monotonic() > deadline:
+            break
+    proc.kill()
+    raise AssertionError(f"no line starting with {prefix!r}:\n{''.join(lines)}")
+
+
+@pytest.mark.slow
+def test_a_stopped_run_exits_75_and_a_second_run_on_its_directory_is_refused(shards_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    proc = _single(_args(shards_dir, run, "--train.max_steps", 100000, "--log.every_steps", 1))
+    try:
+        _read_until(proc, "step 2 ")
+        assert train.main(_args(shards_dir, run, "--train.max_steps", 100000)) == 2
+        err = capsys.readouterr().err
+        assert f"in use by another run (pid {proc.pid} on " in err and err.strip().count("\n") == 0
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 75 and "checkpoint saved, the same command resumes" in out, out
+    assert _final(run)["step"] >= 2
+
+
+@pytest.mark.slow
+def test_a_signal_before_the_first_step_ends_cleanly(shards_dir, tmp_path):
+    """The handler is installed before any work: here the signal lands during the step-0 sample grid (seconds of
+    sampling right after the line the test waits for)."""
+    run = tmp_path / "run"
+    proc = _single(_args(shards_dir, run, "--sample.every_steps", 3, "--sample.steps", 100,
+                         "--sample.num_prompts", 8))
+    try:
+        _read_until(proc, "training to step")
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 75 and "before step 1; nothing new to save" in out and "Traceback" not in out, out
+    assert checkpoint.candidates(run) == []
