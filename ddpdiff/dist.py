@@ -9,7 +9,10 @@ from __future__ import annotations
 import datetime
 import glob
 import os
+import signal
 import subprocess
+import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -106,10 +109,27 @@ def cpus_per_rank(local_world_size: int = 1) -> int:
     return max(1, cpus // sharing)
 
 
+def stop_with_launcher(poll_s: float = 1.0) -> threading.Thread:
+    """Send this process SIGTERM once its launcher (torchrun's agent) is gone: torchrun starts ranks in sessions
+    of their own, so a SIGKILLed agent would leave them training and writing checkpoints on their own. The
+    SIGTERM takes the usual path: every rank stops at one step and saves."""
+    launcher = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == launcher:
+            time.sleep(poll_s)
+        os.kill(os.getpid(), signal.SIGTERM)
+    thread = threading.Thread(target=watch, name="stop-with-launcher", daemon=True)
+    thread.start()
+    return thread
+
+
 def init(timeout_s: int = 600, device: str = "auto") -> Env:
     """Join the process group (NCCL on GPUs, gloo on the CPU) on this rank's device (`pick_device`)."""
     global _env
     rank, world, local_rank, local_world = _launch_env()
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        stop_with_launcher()
     dev = pick_device(device, local_rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)

@@ -52,6 +52,14 @@ def _descendants(pid):
     return found
 
 
+def _running(pid):
+    """Whether a process exists and has not exited (an exited orphan may stay a zombie in a container)."""
+    try:
+        return "(zombie)" not in Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+
+
 def _kill_tree(pid):
     """SIGKILL a job and every process it started, as a lost node would."""
     for p in [pid, *_descendants(pid)]:
@@ -498,3 +506,26 @@ def test_a_signal_before_the_first_step_ends_cleanly(shards_dir, tmp_path):
         proc.kill()
     assert proc.returncode == 75 and "before step 1; nothing new to save" in out and "Traceback" not in out, out
     assert checkpoint.candidates(run) == []
+
+
+@pytest.mark.slow
+def test_ranks_whose_launcher_was_killed_save_and_stop(shards_dir, tmp_path):
+    run = tmp_path / "run"
+    proc = _torchrun(2, _args(shards_dir, run, "--train.max_steps", 100000, "--checkpoint.every_steps", 100000,
+                              "--log.every_steps", 1))
+    ranks = []
+    try:
+        _read_until(proc, "step 2 ")
+        ranks = _descendants(proc.pid)
+        assert len(ranks) >= 2
+        os.kill(proc.pid, signal.SIGKILL)  # the agent alone, as when its node's launcher is lost
+        deadline = time.monotonic() + 120
+        while any(map(_running, ranks)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        alive = [pid for pid in ranks if _running(pid)]
+    finally:
+        for pid in [proc.pid, *ranks]:  # orphans are no longer below the agent
+            _kill_tree(pid)
+        proc.communicate()
+    assert not alive, f"orphan ranks still running: {alive}"
+    assert _final(run)["step"] >= 2  # they stopped the usual way: one agreed step, saved
