@@ -49,9 +49,10 @@ def test_asking_for_cuda_without_it_is_an_error(clean_env):
 
 @no_cuda
 def test_the_trainer_exits_2_with_one_line(python, repo, shards_dir, tmp_path):
-    proc = subprocess.run([python, "-m", "ddpdiff.train", "--config", str(CONFIGS / "smoke.yaml"), "--data.shards",
-                           str(shards_dir), "--run.dir", str(tmp_path / "run")], cwd=repo, capture_output=True,
-                          text=True, env={"PATH": "/usr/bin:/bin", "CUDA_VISIBLE_DEVICES": "0", "OMP_NUM_THREADS": "1"})
+    cmd = [python, "-m", "ddpdiff.train", "--config", str(CONFIGS / "smoke.yaml"), "--data.shards", str(shards_dir),
+           "--run.dir", str(tmp_path / "run"), "--dist.device", "auto"]  # smoke.yaml itself asks for the CPU
+    proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin", "CUDA_VISIBLE_DEVICES": "0", "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 2, proc.stderr
     err = proc.stderr.strip().splitlines()[-1]
     assert err.startswith("python -m ddpdiff.train: error: CUDA_VISIBLE_DEVICES=0 asks for GPUs")
