@@ -13,6 +13,7 @@ import itertools
 import json
 import multiprocessing as mp
 import os
+import re
 import tarfile
 from collections import deque
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from .errors import UsageError
 
 FORMAT, VERSION = "ddpdiff-shards", 1
 MANIFEST, TASK_DIR = "manifest.json", "tasks"
+TASK_NAME = re.compile(r"task-\d{4,}-of-\d{4,}\.json")  # _task_path's names
 JPEG_QUALITY = 95
 IN_FLIGHT = 2  # CPU-stage windows queued beyond the one being encoded: keeps workers busy, memory bounded
 
@@ -247,10 +249,18 @@ def _claim(out: Path, mine: list[ShardPlan], task_file: Path, header: dict, resu
     own = [out / p.path for p in mine] + [task_file, out / MANIFEST]
     _remove_temporaries(out, {p.name for p in own})
     if overwrite:
-        leftovers = [*out.glob("*/*.tar"), *out.glob(f"{TASK_DIR}/*.json")] if num_tasks == 1 else []
-        for path in own + leftovers:
+        for path in own + (_tool_files(out) if num_tasks == 1 else []):
             path.unlink(missing_ok=True)
     return _verified(out, task_file, header) if resume else {}
+
+
+def _tool_files(out: Path) -> list[Path]:
+    """Every file under OUT named as this tool names its own (shards of any run, task files), and nothing else:
+    `--overwrite` removes these, so a user's other files in OUT, .tar or not, survive it."""
+    shard = {split: re.compile(rf"{split}-\d{{6,}}\.tar") for split in celeba.SPLITS}
+    return ([p for split in celeba.SPLITS for p in (out / split).glob("*.tar")
+             if p.is_file() and shard[split].fullmatch(p.name)]
+            + [p for p in (out / TASK_DIR).glob("*.json") if p.is_file() and TASK_NAME.fullmatch(p.name)])
 
 
 def _verified(out: Path, task_file: Path, header: dict) -> dict[str, dict]:

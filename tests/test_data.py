@@ -1,7 +1,9 @@
 import io
 import json
+import re
 import shutil
 import subprocess
+import tarfile
 
 import numpy as np
 import pytest
@@ -9,7 +11,7 @@ import torch
 import webdataset as wds
 
 from ddpdiff import shards
-from ddpdiff.data import DataError, Loader, load_manifest, read_samples
+from ddpdiff.data import DataError, Loader, load_manifest, read_samples, verify_shards
 
 # `shards_dir` (conftest) holds 48 images at 8 per shard: 39 train samples in shards of 8, 8, 8, 8 and 7.
 
@@ -47,12 +49,22 @@ def _keys(loader, epoch, start=0) -> list[list[str]]:
     return [b["key"] for b in loader.epoch(epoch, start)]
 
 
+def _equal(a, b) -> bool:
+    if torch.is_tensor(a):
+        return torch.equal(a, b)
+    if isinstance(a, np.ndarray):
+        return np.array_equal(a, b)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
 def _assert_same(a: list[dict], b: list[dict]):
     assert len(a) == len(b)
     for x, y in zip(a, b):
         assert x.keys() == y.keys()
         for k in x:
-            assert torch.equal(x[k], y[k]) if torch.is_tensor(x[k]) else x[k] == y[k], k
+            assert _equal(x[k], y[k]), k
 
 
 @pytest.mark.parametrize("world_size,batch_size", [(1, 4), (2, 4), (3, 13), (4, 3), (5, 2), (7, 5)])
@@ -213,11 +225,16 @@ def test_missing_or_invalid_manifest(tmp_path):
         load_manifest(tmp_path)
 
 
-def test_truncated_shard_names_the_file(shards_copy):
-    tar = shards_copy / "train" / "train-000002.tar"
-    tar.write_bytes(tar.read_bytes()[:20_000])
-    with pytest.raises(DataError, match=r"train-000002\.tar: truncated"):
+def test_truncated_shards_are_counted_and_named_in_one_line(shards_copy):
+    for name, size in [("train-000002.tar", 20_000), ("train-000004.tar", 70_001)]:  # cut in a member, a header
+        tar = shards_copy / "train" / name
+        tar.write_bytes(tar.read_bytes()[:size])
+    with pytest.raises(DataError) as e:
         Loader(shards_copy, batch_size=4)
+    message = str(e.value)
+    assert "\n" not in message and message.startswith("2 of 5 shards of split 'train' are unusable: ")
+    assert f"{shards_copy}/train/train-000002.tar: truncated: 20000 bytes, but member " in message
+    assert f"{shards_copy}/train/train-000004.tar: truncated: 70001 bytes" in message
 
 
 def test_count_mismatch_and_wrong_array_shape_name_the_file(shards_copy):
@@ -257,3 +274,155 @@ def test_a_global_batch_that_does_not_divide_by_the_world_is_shared_exactly(shar
     assert [o.shape[1] for o in orders] == sizes
     seen = np.concatenate([o.reshape(-1) for o in orders])
     assert len(seen) == len(set(seen.tolist())) == loaders[0].batches_per_epoch * global_batch
+
+
+# ---- faults: paths, damaged shards and unusable samples
+
+def _rewrite(tar_path, change) -> None:
+    """Rewrite a shard member by member through change(name, data) -> (name, data), in the same order."""
+    with tarfile.open(tar_path) as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(tar_path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            name, data = change(name, data)
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def _npy(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("path", ["/etc/train-000003.tar", "../elsewhere/train-000003.tar",
+                                  "train/../../train-000003.tar", "C:/train-000003.tar"])
+def test_manifest_paths_outside_the_shard_folder_are_refused(shards_copy, path):
+    manifest = json.loads((shards_copy / "manifest.json").read_text())
+    manifest["splits"]["train"]["shards"][3]["path"] = path
+    (shards_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=r"manifest\.json: splits\.train\.shards\[3\]\.path: expected a relative path "
+                                        r"inside the shard folder") as e:
+        load_manifest(shards_copy)
+    assert "\n" not in str(e.value)
+    with pytest.raises(DataError, match=r"splits\.train\.shards\[3\]\.path"):
+        Loader(shards_copy, batch_size=4)
+
+
+@pytest.mark.parametrize("rename", ["../{}", "/tmp/{}", "sub/{}", "{}/..", ".{}"])
+def test_member_names_that_are_not_key_ext_refuse_the_shard(shards_copy, rename):
+    shard = shards_copy / "train" / "train-000001.tar"
+    victim = None
+
+    def change(name, data):
+        nonlocal victim
+        victim = victim or name.split(".")[0]
+        return (rename.format(name) if name.startswith(victim + ".") else name), data
+    _rewrite(shard, change)
+    first = re.escape(rename.format(f"{victim}.jpg"))
+    with pytest.raises(DataError, match=rf"train-000001\.tar: member '{first}' is not KEY\.EXT with a plain key"):
+        Loader(shards_copy, batch_size=4, workers=0)
+
+
+def test_shards_are_checked_against_their_sha256_only_when_asked(shards_copy):
+    flipped = shards_copy / "train" / "train-000001.tar"
+    data = bytearray(flipped.read_bytes())
+    data[3000] ^= 0xFF  # inside the first JPEG: the same size, and the scan cannot notice
+    flipped.write_bytes(bytes(data))
+    (shards_copy / "val" / "val-000000.tar").unlink()
+    assert verify_shards(shards_copy, ("train",)) == [
+        f"{flipped}: sha256 {__import__('hashlib').sha256(data).hexdigest()[:16]}... of its {len(data)} bytes, "
+        f"but manifest.json says {load_manifest(shards_copy)['splits']['train']['shards'][1]['sha256'][:16]}... "
+        "(damaged or replaced)"]
+    assert [line.split(":")[0] for line in verify_shards(shards_copy)] == [str(flipped),
+                                                                           str(shards_copy / "val/val-000000.tar")]
+    assert Loader(shards_copy, batch_size=4, workers=0).batches_per_epoch == 9  # the default reads no more
+    with pytest.raises(DataError, match=rf"^{flipped}: sha256 [0-9a-f]{{16}}\.\.\. of its"):
+        Loader(shards_copy, batch_size=4, workers=0, verify=True)
+    with pytest.raises(DataError, match=r"val-000000\.tar: cannot read: No such file"):
+        read_samples(shards_copy, "val", n=2, verify=True)
+
+
+@pytest.fixture
+def damaged(shards_copy):
+    """`shards_copy` with four unusable samples in train-000000.tar, each damaged in another way, and the
+    keys of those samples with how the reader's line about each must start."""
+    keys = sorted({m.split(".")[0] for m in tarfile.open(shards_copy / "train" / "train-000000.tar").getnames()})
+    damage = {f"{keys[1]}.img.npy": (lambda d: d[:-10], "img.npy: 12278 bytes of array data, but its header says "
+                                                        "12288"),
+              f"{keys[3]}.jpg": (lambda d: d[:400], "jpg: cannot decode"),
+              f"{keys[5]}.txt": (lambda d: b"\xff" + d, "txt: not UTF-8 text"),
+              f"{keys[6]}.clip_text.npy": (lambda d: _npy(np.full(64, np.nan, np.float16)),
+                                           "clip_text.npy: NaN or infinite values")}
+    _rewrite(shards_copy / "train" / "train-000000.tar",
+             lambda name, data: (name, damage[name][0](data) if name in damage else data))
+    return shards_copy, {name.split(".")[0]: f"{shards_copy}/train/train-000000.tar: {name.split('.')[0]}."
+                         + damage[name][1] for name in damage}
+
+
+def _substituted(order: np.ndarray, keys: list[str], bad: set[str]) -> list[list[str]]:
+    """The keys of each batch under the documented rule: an unusable sample takes the next usable one's place."""
+    out = []
+    for row in order:
+        names = [keys[i] for i in row]
+        usable = [j for j, k in enumerate(names) if k not in bad]
+        out.append([k if k not in bad else names[min(usable, key=lambda u: (u - j) % len(names))]
+                    for j, k in enumerate(names)])
+    return out
+
+
+@pytest.mark.parametrize("global_batch, world", [(3, 1), (13, 2)])  # every one of the 39 samples is read
+def test_unusable_samples_are_replaced_in_their_batch_counted_and_reported(damaged, train_keys, global_batch, world):
+    shards_copy, lines = damaged
+    reports = [[] for _ in range(world)]
+    loaders = [Loader(shards_copy, global_batch=global_batch, rank=r, world_size=world, extra=("jpg",), workers=0,
+                      seed=1, report=reports[r].append) for r in range(world)]
+    assert [ld.bad for ld in loaders] == [[lines[train_keys[1]]]] * world  # the scan's find, on every rank
+    seen = []
+    for rank, (ld, report) in enumerate(zip(loaders, reports)):
+        batches = list(ld.epoch(2))
+        assert [b["key"] for b in batches] == _substituted(ld.order(2), train_keys, set(lines))
+        assert all(b["image"].shape[0] == len(b["key"]) and torch.isfinite(b["clip_text"]).all() for b in batches)
+        again = Loader(shards_copy, global_batch=global_batch, rank=rank, world_size=world, extra=("jpg",),
+                       workers=0, seed=1, report=lambda line: None)
+        _assert_same(list(again.epoch(2, start=1)), batches[1:])  # a restart reads the same
+        seen += [train_keys[i] for i in ld.order(2).reshape(-1).tolist()]
+        assert all(line.startswith(str(shards_copy)) and "replaced by another sample of its batch" in line
+                   for line in report)
+    assert sorted(seen) == train_keys  # the order is untouched: every sample has its place once, over the ranks
+    met = [line for ld in loaders for line in ld.bad]
+    assert len(set(met)) == len(lines)  # each found by the rank whose batch held it, the scan's by all
+    assert all(any(line.startswith(expected) for line in met) for expected in lines.values())
+    assert sum(len(r) for r in reports) == len(lines)  # each reported once: the scan's by rank 0 only
+
+
+def test_more_unusable_samples_than_max_bad_stop_with_the_list(damaged):
+    shards_copy, lines = damaged
+    with pytest.raises(DataError, match=r"^1 unusable sample, more than max_bad=0: .*img\.npy: 12278 bytes"):
+        Loader(shards_copy, batch_size=3, workers=0, max_bad=0)
+    loader = Loader(shards_copy, batch_size=3, workers=0, extra=("jpg",), max_bad=3, report=lambda line: None)
+    with pytest.raises(DataError) as e:
+        list(loader.epoch(0))
+    assert str(e.value).startswith("4 unusable samples, more than max_bad=3: ") and "\n" not in str(e.value)
+    assert all(line in str(e.value) for line in lines.values())
+
+
+def test_read_samples_replaces_unusable_ones_and_refuses_a_batch_of_them(shards_copy):
+    first = sorted(_reference(shards_copy, "val"))[:2]
+    _rewrite(shards_copy / "val" / "val-000000.tar",
+             lambda name, data: (name, data[:-2] if name in {f"{k}.img.npy" for k in first} else data))
+    reports = []
+    batch = read_samples(shards_copy, "val", n=3, report=reports.append)
+    assert batch["key"] == [batch["key"][2]] * 3 and len(reports) == 2
+    with pytest.raises(DataError, match=r"every sample of a batch of 2 is unusable: .*val-000000\.tar: "):
+        read_samples(shards_copy, "val", n=2, report=reports.append)
+
+
+@pytest.mark.slow
+def test_unusable_samples_are_replaced_alike_in_worker_processes(damaged):
+    shards_copy, lines = damaged
+    kw = dict(batch_size=3, extra=("jpg",), map_sample=_patch, seed=4, report=lambda line: None)
+    single, pool = Loader(shards_copy, workers=0, **kw), Loader(shards_copy, workers=2, **kw)
+    _assert_same(list(pool.epoch(0)), list(single.epoch(0)))
+    assert sorted(pool.bad) == sorted(single.bad) and len(pool.bad) == len(lines)

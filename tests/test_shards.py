@@ -3,6 +3,7 @@
 import hashlib
 import io
 import json
+import shutil
 import signal
 import subprocess
 import tarfile
@@ -146,6 +147,49 @@ def test_non_empty_out_is_refused(odd_root, tmp_path, make_shards, capsys):
     assert err.count("\n") == 1 and "is not empty: pass --resume" in err
     assert make_shards.main(args + ["--overwrite"]) == 0
     assert (tmp_path / "manifest.json").is_file()
+
+
+def test_overwrite_removes_only_the_tools_own_files(odd_root, tmp_path, make_shards):
+    out = tmp_path / "out"
+    theirs = {"train/mine.tar": b"a user's archive", "train/train-1.tar": b"not a shard name", "notes.tar": b"x",
+              "backup/train/train-000000.tar": b"a copy elsewhere", "tasks/notes.json": b"{}",
+              "val/val-000000.tar.bak": b"y"}
+    stale = ["train/train-000007.tar", "test/test-000123.tar", "tasks/task-0001-of-0003.json"]  # an earlier run's
+    for name, data in theirs.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_bytes(data)
+    for name in stale:
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_bytes(b"old")
+    args = ["--root", str(odd_root), "--out", str(out), "--clip-model", "tiny", "--clip-pretrained", "none",
+            "--samples-per-shard", "4", "--workers", "0", "--no-progress", "--overwrite"]
+    assert make_shards.main(args) == 0
+    assert {name: (out / name).read_bytes() for name in theirs} == theirs
+    assert not [name for name in stale if (out / name).exists()]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.tar")) == sorted(
+        [s["path"] for e in manifest["splits"].values() for s in e["shards"]]
+        + [n for n in theirs if n.endswith(".tar")])
+
+
+def test_verify_lists_every_damaged_shard_and_exits_1(shards_dir, tmp_path, make_shards, capsys):
+    out = tmp_path / "s"
+    shutil.copytree(shards_dir, out)
+    assert make_shards.main(["--verify", str(out)]) == 0
+    assert capsys.readouterr().out == f"{out}: 7 of 7 shards match manifest.json\n"
+    cut, flipped, gone = out / "train/train-000001.tar", out / "train/train-000004.tar", out / "test/test-000000.tar"
+    cut.write_bytes(cut.read_bytes()[:10_000])
+    data = bytearray(flipped.read_bytes())
+    data[2000] ^= 1
+    flipped.write_bytes(bytes(data))
+    gone.unlink()
+    assert make_shards.main(["--verify", str(out)]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(": ")[0] for line in lines[:3]] == [str(cut), str(flipped), str(gone)]
+    assert "of its 10000 bytes, but manifest.json says" in lines[0] and "cannot read" in lines[2]
+    assert lines[3].startswith(f"{out}: 4 of 7 shards match manifest.json; 3 differ") and len(lines) == 4
+    assert make_shards.main(["--verify", str(tmp_path)]) == 2  # no manifest: a usage error
+    assert "manifest.json: not found" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -4,12 +4,14 @@ A batch passes through one intermediate form, the *numpy batch*: `image` uint8 [
 `clip_image` float16 [B,D], `tokens` float16 [B,L,Dt] zero-padded with `token_len` int [B], `attrs`
 float32 [B,40], and lists for `prompt`, `key` and extra members. `to_torch` is the only way out of it, so
 batches built sample by sample (`stack`, for `map_sample` hooks) come out exactly like read ones.
+A read that replaced unusable samples lists them under the key BAD, which `Loader` takes off again.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import math
 import mmap
 import os
 from typing import Callable, Sequence
@@ -22,6 +24,10 @@ from .index import CLIP_IMAGE, CLIP_TEXT, IMAGE, PROMPT, TOKENS, SplitIndex, npy
 from .manifest import DataError
 
 FIXED = {"image": IMAGE, "clip_text": CLIP_TEXT, "clip_image": CLIP_IMAGE}  # batch key -> member
+FLOATS = {"clip_text": CLIP_TEXT, "clip_image": CLIP_IMAGE, "tokens": TOKENS}  # checked to be finite
+BAD = "_bad"  # numpy-batch key: lines "SHARD: KEY.MEMBER: what is wrong" of the samples a read replaced
+# What a decoder raises on bytes that are not a valid file of its kind (PIL, numpy, json, UTF-8).
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 
 def _decode_image(data: bytes) -> np.ndarray:
@@ -48,6 +54,10 @@ def decoder(member: str) -> Callable[[bytes], object]:
     return DECODERS[ext]
 
 
+class _Unusable(Exception):
+    """A sample that cannot go into a batch; the message is its report line."""
+
+
 class Reader:
     """Reads numpy batches of one split by sample index; forks and pickles into loader workers cheaply."""
 
@@ -57,6 +67,7 @@ class Reader:
         column = {m: c for c, m in enumerate(index.members)}
         self.index, self.extra = index, tuple(extra)
         self._fixed = [(key, column[m], np.dtype(specs[m][0]), specs[m][1]) for key, m in FIXED.items()]
+        self._blanks = [np.zeros(dtype.itemsize * math.prod(shape), np.uint8) for _, _, dtype, shape in self._fixed]
         self._tokens = (column[TOKENS], specs[TOKENS][1][1]) if TOKENS in column else None
         self._prompt = column[PROMPT]
         self._extra = [(name, column[name], decode) for name, decode in extra.items()]
@@ -69,37 +80,80 @@ class Reader:
         return {**self.__dict__, "_maps": {}}  # mappings stay in their process
 
     def read(self, indices: Sequence[int]) -> dict:
-        """The numpy batch of these samples, in this order."""
+        """The numpy batch of these samples, in this order, each unusable one replaced by a usable one.
+
+        A sample is unusable when the scan found it malformed (`SplitIndex.bad`: a missing member, a
+        `.npy` of the wrong shape or length, bad JSON), its prompt is not UTF-8, an `extra` member does not
+        decode (a truncated JPEG), or an embedding is not finite. It takes the data (and key) of the next
+        usable sample of the same batch, cyclically. So the batch keeps its size and its place in the epoch,
+        the epoch's order and every other batch stay as they are, every usable sample is still read exactly
+        once per epoch, and the substitute depends only on the batch's indices and the shards' bytes: every
+        rank, worker count and restart makes the same choice. The unusable samples' lines go under BAD; a
+        batch without one usable sample is a DataError.
+        """
         ix = self.index
         idx = np.asarray(indices, np.int64)
         fixed = [[] for _ in self._fixed]
-        tokens, prompts, keys = [], [], []
+        tokens, prompts, bad = [], [], []
         extras = [[] for _ in self._extra]
-        for i, loc, s in zip(idx.tolist(), ix.loc[idx].tolist(), ix.shard[idx].tolist()):
+        usable = np.ones(len(idx), bool)
+        for j, (i, loc, s) in enumerate(zip(idx.tolist(), ix.loc[idx].tolist(), ix.shard[idx].tolist())):
             raw, array = self._map(s)
+            try:
+                if i in ix.bad:
+                    raise _Unusable(ix.bad[i])
+                prompt, decoded = self._decode(raw, loc, i, s)
+            except _Unusable as e:  # a blank of the right size in its place until it is replaced below
+                usable[j] = False
+                bad.append(str(e))
+                for out, blank in zip(fixed, self._blanks):
+                    out.append(blank)
+                if self._tokens:
+                    tokens.append(np.zeros((1, self._tokens[1]), np.float16))
+                prompts.append("")
+                for out in extras:
+                    out.append(None)
+                continue
             for out, (_, c, _, _) in zip(fixed, self._fixed):
                 o, n = loc[c]
                 out.append(array[o:o + n])
             if self._tokens:
                 (o, n), dim = loc[self._tokens[0]], self._tokens[1]
                 tokens.append(array[o:o + n].view(np.float16).reshape(-1, dim))
-            o, n = loc[self._prompt]
-            prompts.append(raw[o:o + n].decode())
-            for out, (name, c, decode) in zip(extras, self._extra):
-                o, n = loc[c]
-                try:
-                    out.append(decode(raw[o:o + n]))
-                except (OSError, ValueError) as e:
-                    raise DataError(f"{ix.paths[s]}: {ix.keys[i]}.{name}: cannot decode ({e})") from None
-            keys.append(ix.keys[i])
+            prompts.append(prompt)
+            for out, value in zip(extras, decoded):
+                out.append(value)
         batch = {key: np.stack(out).view(dtype).reshape(len(idx), *shape)
                  for out, (key, _, dtype, shape) in zip(fixed, self._fixed)}
         if self._tokens:
             batch["tokens"], batch["token_len"] = pad(tokens)
         batch["attrs"] = ix.attrs[idx].astype(np.float32)
-        batch["prompt"], batch["key"] = prompts, keys
+        batch["prompt"], batch["key"] = prompts, [ix.keys[i] for i in idx.tolist()]
         batch.update({name: out for out, (name, _, _) in zip(extras, self._extra)})
-        return batch
+        for key, member in FLOATS.items():
+            if key in batch:
+                finite = _finite_rows(batch[key])
+                bad += [f"{ix.paths[ix.shard[i]]}: {ix.keys[i]}.{member}: NaN or infinite values"
+                        for i in idx[usable & ~finite].tolist()]
+                usable &= finite
+        return batch if usable.all() else _replace(batch, usable, bad)
+
+    def _decode(self, raw: mmap.mmap, loc: list, i: int, s: int) -> tuple[str, list]:
+        """Sample i's prompt and decoded extras; _Unusable says which does not decode."""
+        o, n = loc[self._prompt]
+        try:
+            prompt = raw[o:o + n].decode()
+        except UnicodeDecodeError:
+            raise _Unusable(f"{self.index.paths[s]}: {self.index.keys[i]}.{PROMPT}: not UTF-8 text") from None
+        decoded = []
+        for name, c, decode in self._extra:
+            o, n = loc[c]
+            try:
+                decoded.append(decode(raw[o:o + n]))
+            except DECODE_ERRORS as e:
+                why = (str(e) or type(e).__name__).splitlines()[0]
+                raise _Unusable(f"{self.index.paths[s]}: {self.index.keys[i]}.{name}: cannot decode ({why})") from None
+        return prompt, decoded
 
     def _map(self, shard: int) -> tuple[mmap.mmap, np.ndarray]:
         """The shard mapped read-only (once per process), as bytes and as a uint8 array."""
@@ -113,6 +167,23 @@ class Reader:
                 raw = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
             self._maps[shard] = raw, np.frombuffer(raw, np.uint8)
         return self._maps[shard]
+
+
+def _finite_rows(a: np.ndarray) -> np.ndarray:
+    """Per row of a float16 batch array: no NaN or infinity (exponent bits not all ones); 5x isfinite's speed."""
+    return ((a.reshape(len(a), -1).view(np.uint16) & 0x7C00) != 0x7C00).all(axis=1)
+
+
+def _replace(batch: dict, usable: np.ndarray, bad: list[str]) -> dict:
+    """The batch with each unusable row replaced by the next usable one, cyclically (see `Reader.read`)."""
+    rows = np.flatnonzero(usable)
+    if not len(rows):
+        raise DataError(f"every sample of a batch of {len(usable)} is unusable: {'; '.join(bad)}")
+    source = [j if ok else int(rows[np.argmin((rows - j) % len(usable))]) for j, ok in enumerate(usable)]
+    batch = {k: v[source] if isinstance(v, np.ndarray) else [v[j] for j in source] for k, v in batch.items()}
+    if "tokens" in batch:  # no padding beyond the longest sample that is left
+        batch["tokens"] = batch["tokens"][:, :batch["token_len"].max(initial=0)]
+    return batch | {BAD: bad}
 
 
 def pad(arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

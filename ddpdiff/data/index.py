@@ -3,7 +3,13 @@
 Shards are uncompressed ustar files, so every member's payload is a byte range of its shard. The scan
 reads tar headers, `.npy` headers and the small JSON (through a 16 KiB window, so small members cost no
 extra reads), checks them against the manifest, and keeps where each wanted payload lies and the
-attributes.
+attributes. Member names are only parsed into KEY.EXT, never opened as paths.
+
+Two kinds of problem: a shard that cannot be read as a whole (not a tar, truncated, a member name that is
+not KEY.EXT, samples out of order, a count that is not the manifest's) fails `build` with one line per
+such shard; a sample whose members are missing or malformed (a `.npy` of the wrong shape or length, a JSON
+without the attributes) stays in the index, so the number of samples and every epoch's order stay the
+same, and is listed in `SplitIndex.bad` for the reader to replace (see `batch.Reader.read`).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import json
 import math
 import operator
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -25,6 +32,9 @@ from .manifest import DataError
 BLOCK = 512
 WINDOW = 1 << 14
 NPY_MAGIC = b"\x93NUMPY"
+# A member is KEY.EXT: a plain key (no '/', '.', '\\' or control characters, so never a path) and dotted
+# extension; the writer's keys are file stems such as 000001.
+MEMBER = re.compile(r"([^./\\\x00-\x1f]+)\.([A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*)")
 
 IMAGE, CLIP_TEXT, CLIP_IMAGE, TOKENS, META, PROMPT = (
     "img.npy", "clip_text.npy", "clip_image.npy", "clip_tokens.npy", "json", "txt")
@@ -35,7 +45,8 @@ class SplitIndex:
     """Where each sample of a split lies, and its attributes; sample i is the i-th in manifest shard order.
 
     `loc[i, m]` is (offset, length) in shard `shard[i]` of member `members[m]`'s payload, after any .npy
-    header; `sizes` are the shards' sizes when scanned, to notice a shard replaced since.
+    header; `sizes` are the shards' sizes when scanned, to notice a shard replaced since. `bad` maps each
+    unusable sample to a line "SHARD: KEY.MEMBER: what is wrong"; its `loc` and `attrs` are zeros.
     """
 
     paths: tuple[Path, ...]
@@ -45,6 +56,7 @@ class SplitIndex:
     shard: np.ndarray  # int32 [N]
     loc: np.ndarray  # int64 [N, M, 2]
     attrs: np.ndarray  # uint8 [N, 40], 0/1 in the manifest's attribute order
+    bad: dict[int, str] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -55,7 +67,8 @@ def build(shards_dir: str | os.PathLike, manifest: dict, split: str, tokens: boo
     """Scan every shard of `split`, checking sample counts, core `.npy` headers and JSON against the manifest.
 
     Members: those a training batch reads (TOKENS only if `tokens`), then `extra` (kept whole, undecoded).
-    The JSON is parsed here, once, for the attributes.
+    The JSON is parsed here, once, for the attributes. Every shard is scanned before an unusable one is
+    reported, so the error lists all of them.
     """
     core = (IMAGE, CLIP_TEXT, CLIP_IMAGE, PROMPT) + ((TOKENS,) if tokens else ())
     clash = [e for e in extra if e in core + (META,)]
@@ -67,21 +80,29 @@ def build(shards_dir: str | os.PathLike, manifest: dict, split: str, tokens: boo
     members = core + tuple(extra)
     specs = {m: spec for m, spec in npy_specs(manifest).items() if m in core}
     scan = functools.partial(_scan, members=members, specs=specs, attributes=manifest["attributes"])
-    paths, shards = [], []
-    for entry in manifest["splits"][split]["shards"]:
-        paths.append(Path(shards_dir) / entry["path"])
-        shards.append(scan(paths[-1]))
-        if len(shards[-1].keys) != entry["count"]:
-            raise DataError(f"{paths[-1]}: {len(shards[-1].keys)} samples, but manifest.json says {entry['count']}")
+    entries = manifest["splits"][split]["shards"]
+    paths, shards, unusable = [], [], []
+    for entry in entries:
+        path = Path(shards_dir) / entry["path"]
+        try:
+            scanned = scan(path)
+        except DataError as e:
+            unusable.append(str(e))
+            continue
+        if len(scanned.keys) != entry["count"]:
+            unusable.append(f"{path}: {len(scanned.keys)} samples, but manifest.json says {entry['count']}")
+        paths.append(path)
+        shards.append(scanned)
+    if unusable:
+        raise DataError(unusable[0] if len(unusable) == 1 else
+                        f"{len(unusable)} of {len(entries)} shards of split {split!r} are unusable: "
+                        + "; ".join(unusable))
     keys = tuple(k for s in shards for k in s.keys)
     shard = np.repeat(np.arange(len(shards), dtype=np.int32), [len(s.keys) for s in shards])
-    attrs = np.array([x for s in shards for x in s.attrs], np.int64).reshape(len(keys), len(manifest["attributes"]))
-    bad = ((attrs != 0) & (attrs != 1)).any(axis=1)
-    if bad.any():
-        i = int(bad.argmax())
-        raise DataError(f"{paths[shard[i]]}: {keys[i]}.json: attrs values must be 0 or 1")
+    starts = np.cumsum([0] + [len(s.keys) for s in shards])
     return SplitIndex(paths=tuple(paths), sizes=tuple(s.size for s in shards), members=members, keys=keys,
-                      shard=shard, attrs=attrs.astype(np.uint8),
+                      shard=shard, bad={int(start) + j: line for start, s in zip(starts, shards) for j, line in s.bad},
+                      attrs=np.array([x for s in shards for x in s.attrs], np.uint8).reshape(len(keys), -1),
                       loc=np.array([x for s in shards for x in s.locs], np.int64).reshape(len(keys), len(members), 2))
 
 
@@ -94,12 +115,18 @@ def npy_specs(manifest: dict) -> dict[str, tuple[str, tuple[int | None, ...]]]:
 
 @dataclass
 class _Shard:
-    """One shard's scan: per sample its key, (offset, length) of each member, and attributes."""
+    """One shard's scan: per sample its key, (offset, length) of each member, and attributes; the unusable
+    samples' positions in the shard and what is wrong with them."""
 
     size: int
     keys: list = field(default_factory=list)
     locs: list = field(default_factory=list)
     attrs: list = field(default_factory=list)
+    bad: list = field(default_factory=list)
+
+
+class _Unusable(Exception):
+    """A sample-level problem: the scan records it in `_Shard.bad` and goes on."""
 
 
 def _scan(path: Path, members: tuple[str, ...], specs: dict, attributes: list[str]) -> _Shard:
@@ -111,48 +138,55 @@ def _scan(path: Path, members: tuple[str, ...], specs: dict, attributes: list[st
         raise DataError(f"{path}: cannot open shard: {e.strerror}") from None
     with f:
         window = _Window(f.fileno(), os.fstat(f.fileno()).st_size, path)
-        shard, key, found = _Shard(window.size), None, {}
+        shard, key, found, problem = _Shard(window.size), None, {}, None
 
         def finish():
             missing = sorted(wanted - found.keys())
-            if missing:
-                raise DataError(f"{path}: sample {key} has no {', '.join(missing)}")
+            reason = problem or (f"{key}: no {', '.join(f'{key}.{m}' for m in missing)}" if missing else None)
+            if reason:
+                shard.bad.append((len(shard.keys), f"{path}: {reason}"))
             shard.keys.append(key)
-            shard.locs.extend(found[m] for m in members)
-            shard.attrs.append(found[META])
+            shard.locs.extend(found[m] if not reason else (0, 0) for m in members)
+            shard.attrs.append(found[META] if not reason else (0,) * len(attributes))
 
         for name, offset, size in _tar_members(window):
-            stem, _, ext = name.rpartition("/")[2].partition(".")
-            sample = name[: len(name) - len(ext) - 1]
-            if not stem or not ext:
-                raise DataError(f"{path}: member {name!r} is not KEY.EXT")
+            match = MEMBER.fullmatch(name)
+            if not match:
+                raise DataError(f"{path}: member {name!r} is not KEY.EXT with a plain key (no '/', '..' or "
+                                "absolute path); refusing the shard")
+            sample, ext = match.groups()
             if sample != key:
                 if key is not None:
                     finish()
                     if sample <= key:
                         raise DataError(f"{path}: sample {sample} follows {key}: members must be contiguous "
                                         "and samples sorted by key")
-                key, found = sample, {}
+                key, found, problem = sample, {}, None
             if ext not in wanted:
                 continue
-            if ext == META:
-                found[META] = _attrs(window.read(offset, size), get_attrs, f"{path}: {name}")
-                continue
-            if ext in specs:
-                payload = _npy_payload(window, offset, size, specs[ext], name)
-                offset, size = payload, size - (payload - offset)
-            found[ext] = (offset, size)
+            try:
+                if ext == META:
+                    found[META] = _attrs(window.read(offset, size), get_attrs)
+                    continue
+                if ext in specs:
+                    payload = _npy_payload(window, offset, size, specs[ext])
+                    offset, size = payload, size - (payload - offset)
+                found[ext] = (offset, size)
+            except _Unusable as e:
+                problem = problem or f"{name}: {e}"
         if key is not None:
             finish()
     return shard
 
 
-def _attrs(data: bytes, get_attrs: Callable, where: str) -> tuple[int, ...]:
-    """The attribute values of a sample's JSON, in manifest order (checked to be 0/1 by `build`)."""
+def _attrs(data: bytes, get_attrs: Callable) -> tuple[int, ...]:
+    """The attribute values of a sample's JSON, in manifest order, each 0 or 1."""
     try:
         values = get_attrs(json.loads(data)["attrs"])
     except (ValueError, KeyError, TypeError) as e:
-        raise DataError(f"{where}: expected {{'attrs': {{name: 0 or 1}}}} with the manifest's names ({e!r})") from None
+        raise _Unusable(f"expected {{'attrs': {{name: 0 or 1}}}} with the manifest's names ({e!r})") from None
+    if not all(isinstance(v, int) and v in (0, 1) for v in values):
+        raise _Unusable("attrs values must be 0 or 1")
     return values
 
 
@@ -169,7 +203,7 @@ class _Window:
             self.start, self.buf, rel = offset, os.pread(self.fd, max(n, WINDOW), offset), 0
         out = self.buf[rel:rel + n]
         if len(out) != n:
-            raise DataError(f"{self.path}: truncated at byte {offset + len(out)} (file has {self.size})")
+            raise DataError(f"{self.path}: truncated: {self.size} bytes, but a read needs up to byte {offset + n}")
         return out
 
 
@@ -190,30 +224,33 @@ def _tar_members(window: _Window):
         name, prefix = (raw.split(b"\0", 1)[0].decode(errors="replace") for raw in (header[:100], header[345:500]))
         if prefix:
             name = f"{prefix}/{name}"
+        if offset + BLOCK + size > window.size:
+            raise DataError(f"{window.path}: truncated: {window.size} bytes, but member {name!r} ends at byte "
+                            f"{offset + BLOCK + size} (copy the shard again, or rewrite it: make_shards.py --resume)")
         if kind in (b"0", b"\0"):
             yield name, offset + BLOCK, size
         elif kind != b"5":
             raise DataError(f"{window.path}: tar member {name!r} has type {kind!r}; expected regular files only")
         offset += BLOCK + -(-size // BLOCK) * BLOCK
-    raise DataError(f"{window.path}: truncated: no end-of-archive block")
+    raise DataError(f"{window.path}: truncated: {window.size} bytes end before the end-of-archive block "
+                    "(copy the shard again, or rewrite it: make_shards.py --resume)")
 
 
-def _npy_payload(window: _Window, offset: int, size: int, spec: tuple, name: str) -> int:
-    """Offset of a `.npy` member's array data, after checking its dtype and shape against `spec`."""
-    where = f"{window.path}: {name}"
+def _npy_payload(window: _Window, offset: int, size: int, spec: tuple) -> int:
+    """Offset of a `.npy` member's array data, after checking its dtype, shape and length against `spec`."""
     start = window.read(offset, min(size, 12))
     if len(start) < 10 or start[:6] != NPY_MAGIC or start[6] not in (1, 2):
-        raise DataError(f"{where}: not a version 1 or 2 .npy file")
+        raise _Unusable("not a version 1 or 2 .npy file")
     prefix = 10 if start[6] == 1 else 12
     header_end = prefix + int.from_bytes(start[8:prefix], "little")
     if header_end > size:
-        raise DataError(f"{where}: .npy header longer than the member")
+        raise _Unusable(".npy header longer than the member")
     try:
         nbytes = _npy_nbytes(window.read(offset, header_end), spec)
-    except ValueError as e:
-        raise DataError(f"{where}: {e}") from None
+    except (ValueError, SyntaxError) as e:
+        raise _Unusable(str(e).splitlines()[0] if str(e) else "unreadable .npy header") from None
     if size - header_end != nbytes:
-        raise DataError(f"{where}: {size - header_end} bytes of array data, but its header says {nbytes}")
+        raise _Unusable(f"{size - header_end} bytes of array data, but its header says {nbytes}")
     return offset + header_end
 
 

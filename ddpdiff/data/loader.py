@@ -7,22 +7,29 @@ more), so the ranks' batches partition the first N' samples of the permutation, 
 batches, and the split into shards plays no part.
 Batch g is a pure function of (seed, epoch, g, rank), so loader workers, which build whole batches from
 a sampler of positions that the DataLoader returns in order, give what one process gives.
+
+Unusable samples (malformed or undecodable members) keep their place in the order and are replaced inside
+their batch (`batch.Reader.read`), so the rule above holds whatever is damaged. A loader counts them, reports
+each once, and stops with the list when there are more than `max_bad`.
 """
 
 from __future__ import annotations
 
 import os
 import signal
-from typing import Callable, Iterator
+import sys
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from . import index
-from .batch import Reader, decoder, stack, to_torch, unbatch
-from .manifest import DataError, load_manifest, use_tokens
+from .batch import BAD, Reader, decoder, stack, to_torch, unbatch
+from .manifest import DataError, load_manifest, use_tokens, verify_shards
 
 MapSample = Callable[[dict, np.random.Generator], dict]
+MAX_BAD = 10  # unusable samples a loader replaces before it stops
+SHOWN = 20  # unusable samples an error lists by name
 # Workers start from a clean server process, not a fork of a rank that may hold CUDA or NCCL state.
 WORKER_START = "forkserver"
 
@@ -40,10 +47,40 @@ def share(global_batch: int, world_size: int, rank: int) -> tuple[int, int]:
     return rank * base + min(rank, extra), base + (rank < extra)
 
 
-def _reader(shards_dir, manifest: dict, split: str, tokens: bool | None, extra) -> Reader:
+def _reader(shards_dir, manifest: dict, split: str, tokens: bool | None, extra, verify: bool) -> Reader:
     decoders = {name: decoder(name) for name in extra}  # an unknown extension fails before the scan
+    if verify:
+        differ = verify_shards(shards_dir, (split,), manifest)
+        if differ:
+            raise DataError(differ[0] if len(differ) == 1 else
+                            f"{len(differ)} shards of split {split!r} differ from manifest.json: " + "; ".join(differ))
     split_index = index.build(shards_dir, manifest, split, use_tokens(manifest, tokens, shards_dir), tuple(decoders))
     return Reader(split_index, manifest, decoders)
+
+
+def _to_stderr(line: str) -> None:
+    print(f"ddpdiff.data: {line}", file=sys.stderr, flush=True)
+
+
+class _BadSamples:
+    """The unusable samples met so far: each reported once; more than `limit` is a DataError listing them."""
+
+    def __init__(self, limit: int, report: Callable[[str], None] | None):
+        self.limit, self.report, self.lines = limit, report or _to_stderr, []
+        self._seen: set[str] = set()
+
+    def add(self, lines: Iterable[str], report: bool = True) -> None:
+        new = [line for line in dict.fromkeys(lines) if line not in self._seen]
+        self._seen.update(new)
+        self.lines += new
+        if len(self.lines) > self.limit:
+            shown = "; ".join(self.lines[:SHOWN]) + (f"; and {len(self.lines) - SHOWN} more"
+                                                     if len(self.lines) > SHOWN else "")
+            raise DataError(f"{len(self.lines)} unusable sample{'s' * (len(self.lines) > 1)}, more than max_bad="
+                            f"{self.limit}: {shown}")
+        for k, line in enumerate(new if report else (), len(self.lines) - len(new) + 1):
+            self.report(f"{line} (unusable sample {k} of at most {self.limit}; replaced by another sample of its "
+                        "batch)")
 
 
 class Loader:
@@ -57,12 +94,20 @@ class Loader:
         map_sample: fn(sample, rng) -> sample applied to each sample's numpy form (see `batch.unbatch`),
             with rng seeded from (seed, epoch, sample index in the split): the same whatever the workers.
         pin_memory: page-locked batches, for faster copies to a GPU.
+        max_bad: unusable samples to replace (see the module doc) before stopping with a DataError that lists
+            them; those the scan finds count at once for the whole split, the same on every rank, and those
+            found while reading as this rank's batches meet them. 0: any unusable sample is an error.
+        report: fn(line) called once per unusable sample (default: a line on stderr); the scan's are
+            reported by rank 0 only, as every rank finds the same.
+        verify: check every shard of the split against the manifest's sha256 first (reads all of it, on
+            every rank; `tools/make_shards.py --verify OUT` does it once, before a run).
     """
 
     def __init__(self, shards_dir: str | os.PathLike, split: str = "train", *, batch_size: int | None = None,
                  global_batch: int | None = None, rank: int = 0, world_size: int = 1, seed: int = 0,
                  workers: int = 2, tokens: bool | None = None, extra: tuple[str, ...] = (),
-                 map_sample: MapSample | None = None, pin_memory: bool = False):
+                 map_sample: MapSample | None = None, pin_memory: bool = False, max_bad: int = MAX_BAD,
+                 report: Callable[[str], None] | None = None, verify: bool = False):
         if (batch_size is None) == (global_batch is None):
             raise DataError("Loader: give exactly one of batch_size (per rank) and global_batch")
         global_batch = global_batch if batch_size is None else batch_size * world_size
@@ -71,16 +116,24 @@ class Loader:
             ("world_size", world_size, world_size >= 1, ">= 1"),
             ("rank", rank, 0 <= rank < world_size, "in [0, world_size)"),
             ("seed", seed, seed >= 0, ">= 0"),
-            ("workers", workers, workers >= 0, ">= 0")) if not ok]
+            ("workers", workers, workers >= 0, ">= 0"),
+            ("max_bad", max_bad, max_bad >= 0, ">= 0")) if not ok]
         if problems:
             raise DataError("Loader: " + "; ".join(problems))
         self.manifest = load_manifest(shards_dir)
-        reader = _reader(shards_dir, self.manifest, split, tokens, extra)
+        reader = _reader(shards_dir, self.manifest, split, tokens, extra, verify)
+        self._bad = _BadSamples(max_bad, report)
+        self._bad.add(reader.index.bad.values(), report=rank == 0)
         self._batches = _Batches(reader, global_batch, rank, world_size, seed, map_sample)
         self.batches_per_epoch = self._batches.batches_per_epoch
         self._positions = _Positions()
         self._workers, self._pin_memory = workers, pin_memory
         self._loader: DataLoader | None = None
+
+    @property
+    def bad(self) -> list[str]:
+        """The unusable samples met so far, one line each: the whole split's found by the scan, then this rank's."""
+        return list(self._bad.lines)
 
     def order(self, epoch: int) -> np.ndarray:
         """Sample indices (in the split) of this rank's batches in `epoch`: [batches_per_epoch, batch_size]."""
@@ -92,14 +145,20 @@ class Loader:
             raise DataError(f"Loader.epoch: epoch {epoch} must be >= 0 and start {start} in "
                             f"[0, {self.batches_per_epoch}]")
         if self._workers == 0 or start == self.batches_per_epoch:
-            return (self._batches[epoch, g] for g in range(start, self.batches_per_epoch))
+            return self._counted(self._batches[epoch, g] for g in range(start, self.batches_per_epoch))
         self._positions.epoch, self._positions.start, self._positions.stop = epoch, start, self.batches_per_epoch
         if self._loader is None:
             self._loader = DataLoader(self._batches, batch_size=None, sampler=self._positions,
                                       num_workers=self._workers, persistent_workers=True,
                                       pin_memory=self._pin_memory, worker_init_fn=_leave_signals_to_main,
                                       multiprocessing_context=WORKER_START)
-        return iter(self._loader)
+        return self._counted(iter(self._loader))
+
+    def _counted(self, batches: Iterator[dict]) -> Iterator[dict]:
+        """The batches, with the unusable samples each replaced taken off it and counted here, in the rank."""
+        for batch in batches:
+            self._bad.add(batch.pop(BAD, ()))
+            yield batch
 
 
 class _Positions(Sampler):
@@ -137,18 +196,25 @@ class _Batches(Dataset):
         epoch, g = position
         indices = self.order(epoch)[g]
         batch = self.reader.read(indices)
-        if self.map_sample is not None:
+        bad = batch.pop(BAD, None)
+        if self.map_sample is not None:  # a substitute draws from its own index's rng, not its twin's
             samples = [self.map_sample(s, np.random.default_rng([self.seed, epoch, i]))
                        for s, i in zip(unbatch(batch), indices.tolist())]
             batch = stack(samples, self.reader.extra)
-        return to_torch(batch)
+        return to_torch(batch) | ({BAD: bad} if bad else {})
 
 
 def read_samples(shards_dir: str | os.PathLike, split: str = "val", n: int = 8, tokens: bool | None = None,
-                 extra: tuple[str, ...] = ()) -> dict:
-    """One batch of the first n samples of a split in key order (fixed validation prompts and real images)."""
+                 extra: tuple[str, ...] = (), max_bad: int = MAX_BAD, report: Callable[[str], None] | None = None,
+                 verify: bool = False) -> dict:
+    """One batch of the first n samples of a split in key order (fixed validation prompts and real images).
+
+    Unusable samples among them are replaced and reported as a `Loader` does, counting only these n.
+    """
     manifest = load_manifest(shards_dir)
-    reader = _reader(shards_dir, manifest, split, tokens, extra)
+    reader = _reader(shards_dir, manifest, split, tokens, extra, verify)
     if not 1 <= n <= len(reader):
         raise DataError(f"read_samples: n={n}, but split {split!r} of {shards_dir} has {len(reader)} samples")
-    return to_torch(reader.read(range(n)))
+    batch = reader.read(range(n))
+    _BadSamples(max_bad, report).add(batch.pop(BAD, ()))
+    return to_torch(batch)

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
+import re
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
+from ..atomic import sha256_file
 from ..errors import UsageError
 
 FORMAT = "ddpdiff-shards"
+SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class DataError(UsageError):
@@ -55,7 +58,21 @@ def _problems(m) -> list[str]:
                 and _count(split.get("count")) and split["count"] == sum(s["count"] for s in shards)):
             problems.append(f"splits.{name}: expected 'shards' as a list of {{'path', 'count'}} whose counts "
                             "sum to 'count'")
+            continue
+        for i, s in enumerate(shards):
+            if not _inside(s["path"]):
+                problems.append(f"splits.{name}.shards[{i}].path: expected a relative path inside the shard "
+                                f"folder (no leading '/', no '..'), got {s['path']!r}")
+            if "sha256" in s and not (isinstance(s["sha256"], str) and SHA256.fullmatch(s["sha256"])):
+                problems.append(f"splits.{name}.shards[{i}].sha256: expected 64 lowercase hex digits")
     return problems
+
+
+def _inside(path: str) -> bool:
+    """Whether a manifest path names a file under the shard folder: relative, no '..', nothing odd in it."""
+    parts = PurePosixPath(path).parts
+    return (bool(parts) and not path.startswith("/") and ".." not in parts and "\\" not in path
+            and not PureWindowsPath(path).drive and not any(c < " " for c in path))
 
 
 def _positive_int(v) -> bool:
@@ -64,6 +81,37 @@ def _positive_int(v) -> bool:
 
 def _count(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def verify_shards(shards_dir: str | os.PathLike, splits: tuple[str, ...] | None = None,
+                  manifest: dict | None = None) -> list[str]:
+    """One line for each shard of `splits` (default: all) whose bytes are not those manifest.json recorded.
+
+    Reads and hashes every shard (about a second per GB), so training does it only when asked; a shard is
+    reported when it is missing or unreadable, has no sha256 in the manifest, or hashes to another sha256
+    (which is also how a shard of another size shows: the manifest records no sizes).
+    """
+    manifest = manifest or load_manifest(shards_dir)
+    path = Path(shards_dir) / "manifest.json"
+    unknown = sorted(set(splits or ()) - manifest["splits"].keys())
+    if unknown:
+        raise DataError(f"{path}: no split {unknown[0]!r} (has {', '.join(manifest['splits'])})")
+    problems = []
+    for split in splits or manifest["splits"]:
+        for entry in manifest["splits"][split]["shards"]:
+            shard = Path(shards_dir) / entry["path"]
+            if "sha256" not in entry:
+                problems.append(f"{shard}: no sha256 recorded in {path.name}")
+                continue
+            try:
+                size, sha = shard.stat().st_size, sha256_file(shard)
+            except OSError as e:
+                problems.append(f"{shard}: cannot read: {e.strerror or e}")
+                continue
+            if sha != entry["sha256"]:
+                problems.append(f"{shard}: sha256 {sha[:16]}... of its {size} bytes, but {path.name} says "
+                                f"{entry['sha256'][:16]}... (damaged or replaced)")
+    return problems
 
 
 def split_count(manifest: dict, split: str) -> int:
