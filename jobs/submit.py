@@ -200,7 +200,7 @@ def wait_until_final(job_id: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args, train_argv = parse(argv)
-    cfg, _ = config.parse_args(__doc__, train_argv, prog="submit.py")
+    cfg, _ = config.parse_args(__doc__, train_argv, prog="submit.py", root=config.Config)
     cluster = "local" if args.local else "slurm"
     executor = submitit.AutoExecutor(folder=args.folder / "%j", cluster=cluster,
                                      **{f"{cluster}_max_num_timeout": args.max_num_timeout})
