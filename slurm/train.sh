@@ -8,12 +8,14 @@
 # inherits the submitting shell's environment. Options given to sbatch override the defaults below, e.g.
 # `sbatch --nodes=4 --gpus-per-node=4 --cpus-per-task=16 --time=2-00:00:00 slurm/train.sh ...`.
 #
-# Run directory: runs/slurm-JOBID unless --run.dir is given, so a requeued job resumes its own checkpoints.
+# Run directory: the config's run.dir (or --run.dir), so a requeued job, or the same command submitted again,
+# resumes from its newest checkpoint. A bad config key or value fails the job before the training starts.
 # Preemption and time limits: SLURM sends USR1 to this script 300 s before the limit (by hand:
 # `scancel --signal=USR1 --batch JOB`). The script then sends SIGTERM to the training step (srun would turn a
 # SIGTERM of its own into a kill, and torchrun does not forward USR1), every rank agrees on a step, rank 0
-# saves a checkpoint, and the script requeues the job; the next start resumes from that checkpoint. A run that
-# finishes or fails without USR1 is never requeued.
+# saves a checkpoint, and the script requeues the job if that checkpoint is newer than the one this start
+# began from and the job has been requeued fewer than DDPDIFF_MAX_RESTARTS (default 100) times; the next start
+# resumes from it. A run that finishes or fails without USR1 is never requeued.
 #SBATCH --job-name=ddpdiff-train
 #SBATCH --nodes=1
 #SBATCH --gpus-per-node=8
@@ -47,8 +49,30 @@ export MASTER_ADDR MASTER_PORT
 # faulting in page by page, which doubles its samples/s per core (docs/benchmarks.md, "Data loading").
 export MALLOC_MMAP_THRESHOLD_=${MALLOC_MMAP_THRESHOLD_:-4294967296} MALLOC_TRIM_THRESHOLD_=${MALLOC_TRIM_THRESHOLD_:-4294967296}
 
+# The run directory of the resolved config; a bad key or value ends the job here (status 2), not on every rank.
+run_dir=$(python -c 'import sys; from ddpdiff import config
+print(config.parse_args("", sys.argv[1:], prog="train.sh")[0].run.dir)' "$@") || exit
+
+# Step of the newest complete checkpoint (ddpdiff.checkpoint writes step_XXXXXXXX.pt.sha256 after the .pt), or -1.
+newest_step() {
+    local sum step=-1
+    for sum in "$run_dir"/checkpoints/step_[0-9]*.pt.sha256; do
+        [ -f "${sum%.sha256}" ] || continue
+        step=${sum##*/step_}
+        step=$((10#${step%.pt.sha256}))
+    done
+    echo "$step"
+}
+start_step=$(newest_step)
+restarts=${SLURM_RESTART_COUNT:-0}
+max_restarts=${DDPDIFF_MAX_RESTARTS:-100}
+# torchrun SIGKILLs workers still running this long after it forwards a SIGTERM; its default (30 s) can cut off
+# rank 0 in the middle of the save that USR1 asked for, so allow the whole lead time of --signal above.
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-300}
+
 echo "train.sh: job $SLURM_JOB_ID on $SLURM_JOB_NODELIST ($SLURM_NNODES nodes x $gpus GPUs)," \
-     "SLURM_RESTART_COUNT=${SLURM_RESTART_COUNT:-0}, rendezvous $MASTER_ADDR:$MASTER_PORT"
+     "SLURM_RESTART_COUNT=$restarts, rendezvous $MASTER_ADDR:$MASTER_PORT," \
+     "run dir $run_dir (newest checkpoint step $start_step)"
 
 stopping=0
 on_usr1() {
@@ -59,11 +83,10 @@ on_usr1() {
 }
 trap on_usr1 USR1
 
-# --run.dir goes first so a --run.dir in the arguments overrides it (later flags win).
 srun --kill-on-bad-exit=1 torchrun \
     --nnodes "$SLURM_NNODES" --nproc_per_node "$gpus" \
     --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv_id "$SLURM_JOB_ID" \
-    -m ddpdiff.train --run.dir "runs/slurm-$SLURM_JOB_ID" "$@" &
+    -m ddpdiff.train "$@" &
 step=$!
 # A trapped signal interrupts `wait`; keep waiting until the step itself has exited.
 wait "$step"
@@ -73,11 +96,24 @@ while kill -0 "$step" 2>/dev/null; do
     rc=$?
 done
 
-if [ "$stopping" = 1 ]; then
-    # torchrun exits non-zero after forwarding SIGTERM even when every rank saved and exited cleanly.
-    echo "train.sh: training step exited with status $rc after USR1; requeueing job $SLURM_JOB_ID"
-    scontrol requeue "$SLURM_JOB_ID" || exit 1
-    exit 0
+if [ "$stopping" = 0 ]; then
+    echo "train.sh: training step exited with status $rc"
+    exit "$rc"
 fi
-echo "train.sh: training step exited with status $rc"
-exit "$rc"
+# torchrun exits non-zero after forwarding SIGTERM even when every rank saved and exited (with status 0, or 75
+# for stopped early), so the checkpoints, not the status, tell whether this start got anywhere.
+newest=$(newest_step)
+if [ "$newest" -le "$start_step" ]; then
+    echo "train.sh: training step exited with status $rc after USR1 and no checkpoint newer than step" \
+         "$start_step; not requeueing job $SLURM_JOB_ID"
+    exit 1
+fi
+if [ "$restarts" -ge "$max_restarts" ]; then
+    echo "train.sh: checkpoint at step $newest saved, but job $SLURM_JOB_ID has restarted $restarts times" \
+         "(DDPDIFF_MAX_RESTARTS=$max_restarts); not requeueing: submit the same command again to go on"
+    exit 75
+fi
+echo "train.sh: training step exited with status $rc after USR1, checkpoint at step $newest; requeueing job" \
+     "$SLURM_JOB_ID"
+scontrol requeue "$SLURM_JOB_ID" || exit 1
+exit 0
