@@ -2,7 +2,7 @@
 """Submit ddpdiff training to SLURM with submitit, or run the same job on this machine with --local.
 
   python jobs/submit.py --nodes 2 --gpus-per-node 8 --partition gpu --time 2-00:00:00 \\
-      --config jobs/configs/celeba64.yaml --data.shards data/celeba64/shards
+      --config jobs/configs/celeba64.yaml --data.shards data/celeba/shards
 
 Arguments this script does not know go to `python -m ddpdiff.train` unchanged, after the same config check the
 training makes: a bad key or value ends this script with status 2 before anything is queued (--dry-run prints
