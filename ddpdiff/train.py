@@ -116,6 +116,10 @@ class DiffusionTask:
                             "states: use model.cond=pooled")
         if cfg.sample.steps > cfg.diffusion.timesteps:
             problems.append(f"sample.steps {cfg.sample.steps} exceeds diffusion.timesteps {cfg.diffusion.timesteps}")
+        val = data.split_count(self.manifest, "val")
+        if cfg.sample.every_steps and not 1 <= cfg.sample.num_prompts <= val:
+            problems.append(f"sample.num_prompts {cfg.sample.num_prompts} is outside 1..{val} (the val split of "
+                            f"{cfg.data.shards})")
         return problems + eval_problems(cfg, self.env.world_size, self.manifest)
 
     def build_model(self) -> nn.Module:

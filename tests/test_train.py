@@ -168,10 +168,12 @@ def test_grad_checkpointing_gives_the_same_training(shards_dir, tmp_path):
 
 
 def test_config_problems_are_reported_together_before_training(shards_dir, tmp_path, capsys):
-    code = train.main(_args(shards_dir, tmp_path / "r", "--train.global_batch", 7, "--sample.steps", 500))
+    code = train.main(_args(shards_dir, tmp_path / "r", "--train.global_batch", 7, "--sample.steps", 500,
+                            "--sample.every_steps", 2, "--sample.num_prompts", 9))
     err = capsys.readouterr().err
     assert code == 2
     assert "sample.steps 500 exceeds" in err and "train.global_batch 7" not in err  # 7 divides world 1
+    assert "sample.num_prompts 9 is outside 1..4" in err
     code = train.main(_args(shards_dir, tmp_path / "r", "--train.global_batch", 6, "--train.micro_batch", -1,
                             "--sample.steps", 500))
     err = capsys.readouterr().err
@@ -497,7 +499,7 @@ def test_a_signal_before_the_first_step_ends_cleanly(shards_dir, tmp_path):
     sampling right after the line the test waits for)."""
     run = tmp_path / "run"
     proc = _single(_args(shards_dir, run, "--sample.every_steps", 3, "--sample.steps", 100,
-                         "--sample.num_prompts", 8))
+                         "--sample.num_prompts", 4))
     try:
         _read_until(proc, "training to step")
         proc.send_signal(signal.SIGTERM)
