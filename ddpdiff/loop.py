@@ -369,8 +369,14 @@ EX_TEMPFAIL = 75  # exit status of a run stopped by a signal after saving: not f
 
 
 def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    return {k: v for key, value in values.items()
-            for k, v in (_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value}).items()}
+    """A nested config dict as {"section.key": value}."""
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def check_changes(saved: dict[str, Any], cfg: TrainerConfig, step: int) -> None:
