@@ -71,7 +71,8 @@ def export(source: str | Path, out: str | Path, dtype: str = "fp32") -> Weights:
     if out.suffix != SUFFIX or out.is_dir():
         raise WeightsError(f"--out {out}: expected a file name ending in {SUFFIX}")
     path = checkpoint.resolve(source)
-    if path.with_name(path.name + ".sha256").is_file() and (problem := checkpoint.verify(path)):
+    digest = path.with_name(path.name + ".sha256")
+    if digest.is_file() and (problem := checkpoint.verify(path)):
         raise WeightsError(f"{path}: {problem}")
     state, meta, path = checkpoint.read(path)
     tensors = {}
@@ -81,7 +82,6 @@ def export(source: str | Path, out: str | Path, dtype: str = "fp32") -> Weights:
             if not t.isfinite().all():  # fp16 overflows beyond 65504; a diverged run has no finite weights
                 raise WeightsError(f"{path}: EMA weight {name} is not finite in {dtype}")
         tensors[name] = t.contiguous()
-    digest = path.with_name(path.name + ".sha256")
     metadata = {"format": FORMAT, "format_version": VERSION, "kind": meta.kind, "meta": json.dumps(meta.to_dict()),
                 "config": json.dumps(state["config"]), "step": str(state["step"]), "dtype": dtype,
                 "checkpoint": path.name}
