@@ -114,15 +114,18 @@ def resolve(path: str | Path) -> Path:
     return path
 
 
-def read(path: str | Path, kind: type) -> tuple[dict[str, Any], Any, Path]:
+def read(path: str | Path, kind: type | None = None) -> tuple[dict[str, Any], Any, Path]:
     """A checkpoint file (or a run directory's newest complete one) for inference: its state, its meta as
-    `kind` (`ddpdiff.models.DenoiserMeta`, `SRMeta`, `ClassifierMeta`), and the file."""
+    `kind` (`ddpdiff.models.DenoiserMeta`, `SRMeta`, `ClassifierMeta`; None: the kind its meta names), and the
+    file."""
     path = resolve(path)
     try:
         state = load(path)
     except Exception as e:  # not a torch file, or one that needs unpickling arbitrary objects
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
-    return state, model_meta.read(state.get("meta"), kind, str(path)), path
+    meta = state.get("meta")
+    kind = kind or model_meta.KINDS.get(model_meta.kind_of(meta), model_meta.DenoiserMeta)
+    return state, model_meta.read(meta, kind, str(path)), path
 
 
 def prune(run_dir: str | Path, keep: int, written: Path) -> None:

@@ -73,7 +73,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ddpdiff.eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, metavar="RUN_DIR|FILE",
-                   help="diffusion checkpoint, or a run directory meaning its newest complete checkpoint")
+                   help="diffusion checkpoint, a run directory meaning its newest complete checkpoint, or an "
+                        "exported .safetensors file (python -m ddpdiff.export)")
     p.add_argument("--data", metavar="SHARDS", help="shard directory whose val split gives prompts and real "
                    "images (default: the checkpoint's data.shards)")
     p.add_argument("--metrics", default=",".join(METRICS), help=f"comma-separated, any of {', '.join(METRICS)} "
@@ -84,7 +85,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (default 3)")
     p.add_argument("--sampler", choices=sorted(SAMPLERS), default="ddim", help="sampler (default ddim)")
     p.add_argument("--classifier", metavar="RUN_DIR|FILE",
-                   help="attribute classifier from python -m ddpdiff.train_classifier (needed for attr_acc)")
+                   help="attribute classifier (run, checkpoint or exported file) from python -m "
+                        "ddpdiff.train_classifier (needed for attr_acc)")
     p.add_argument("--attributes", metavar="NAMES", help="comma-separated attributes averaged into the attr_acc "
                    "mean, or 'visible' for the synthetic data's drawn ones (default all 40)")
     p.add_argument("--inception", metavar="FILE", help=f"Inception-v3 weights for fid (default: ${fid.ENV})")

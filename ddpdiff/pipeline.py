@@ -1,9 +1,11 @@
 """Load once, generate many: a diffusion model with its diffusion, its metadata and (for prompts) its CLIP.
 
 The sampling CLI, the evaluation and the in-training previews and metrics all generate through
-`Pipeline.generate`, so the same condition and seeds give the same images in all of them.
+`Pipeline.generate`, so the same condition and seeds give the same images in all of them. Every network
+loads through `load_weights`, the one place that tells a checkpoint (or run directory) from an exported file
+(`python -m ddpdiff.export`), so each accepts both.
 
-  pipe = Pipeline.from_checkpoint("runs/celeba64")
+  pipe = Pipeline.from_pretrained("celeba64.safetensors")  # or a checkpoint, or a run directory
   images = pipe.sample(["Photo of person smiling.", "Photo of person blond hair."], num=4, seed=0)
 """
 
@@ -16,13 +18,14 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from . import checkpoint, clip, conditioning, config, dist, models
+from . import checkpoint, clip, conditioning, config, dist, models, weights
 from .conditioning import Cond
 from .config import ModelConfig
 from .diffusion import Diffusion
 from .errors import UsageError
 from .models import ClassifierMeta, DenoiserMeta, SRMeta
 from .sampling import check, generate, image_seed
+from .weights import Weights
 
 
 class SamplingError(UsageError):
@@ -36,24 +39,30 @@ class Pipeline:
     model_cfg: ModelConfig
     meta: DenoiserMeta
     encoder: clip.Encoder | None = None  # for `encode`; None where conditions come from the shards
-    source: Path | None = None  # the checkpoint it was loaded from
-    step: int | None = None  # the training step of that checkpoint
+    source: Path | None = None  # the checkpoint or exported file it was loaded from
+    step: int | None = None  # the training step of its weights
     shards: str | None = None  # the shards it was trained on (data.shards)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device | None = None, ema: bool = True,
                         encoder: bool = True, clip_pretrained: str | None = None) -> Pipeline:
-        """A diffusion checkpoint (or a run directory's newest) with its EMA (or raw) weights, and unless
-        `encoder` is False the CLIP that made its training embeddings (`clip_pretrained` relocates it)."""
-        state, meta, path = checkpoint.read(path, DenoiserMeta)
-        cfg = config.from_dict(state["config"])
+        """A diffusion checkpoint (or a run directory's newest, or an exported file) with its EMA (or raw)
+        weights, and unless `encoder` is False the CLIP that made its training embeddings (`clip_pretrained`
+        relocates it)."""
+        w = load_weights(path, DenoiserMeta, ema)
+        cfg = config.from_dict(w.config)
         device = dist.default_device(device)
-        enc = (clip.load_matching(meta.clip, meta.empty_prompt, str(device), clip_pretrained, where=str(path))
+        enc = (clip.load_matching(w.meta.clip, w.meta.empty_prompt, str(device), clip_pretrained, where=str(w.path))
                if encoder else None)  # before the model: a mismatch is the clearer error
-        model = models.build_denoiser(cfg.model, cfg.diffusion.timesteps, meta)
-        model.load_state_dict(state["ema" if ema else "model"])
-        return cls(model.to(device).eval(), Diffusion(cfg.diffusion), cfg.model, meta, enc, path, state["step"],
+        model = _loaded(models.build_denoiser(cfg.model, cfg.diffusion.timesteps, w.meta), w)
+        return cls(model.to(device).eval(), Diffusion(cfg.diffusion), cfg.model, w.meta, enc, w.path, w.step,
                    cfg.data.shards)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None, encoder: bool = True,
+                        clip_pretrained: str | None = None) -> Pipeline:
+        """The notebook's entry: an exported file (or, alike, a checkpoint or run directory's EMA weights)."""
+        return cls.from_checkpoint(path, device, True, encoder, clip_pretrained)
 
     @property
     def device(self) -> torch.device:
@@ -108,14 +117,39 @@ class Pipeline:
         return self.generate(self.condition(batch), seeds, **settings)
 
 
+def load_weights(path: str | Path, kind: type, ema: bool = True) -> Weights:
+    """The weights of `kind` (a `ddpdiff.models` meta class) in an exported file, or the EMA (or raw) weights of
+    a checkpoint or a run directory's newest complete one: the one place that tells them apart."""
+    if weights.is_exported(path):
+        if not ema:
+            raise SamplingError(f"{path}: an exported file holds the EMA weights only (use its checkpoint for raw)")
+        return weights.read(path, kind)
+    state, meta, path = checkpoint.read(path, kind)
+    return Weights(state["ema" if ema else "model"], meta, state["config"], state["step"], path)
+
+
+def _loaded(model: nn.Module, w: Weights) -> nn.Module:
+    """`model` with `w`'s tensors (cast to its dtypes), after checking they are the tensors its meta and config
+    describe: one line naming the file and the first differences, not a page of load_state_dict errors."""
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    found = {name: tuple(t.shape) for name, t in w.tensors.items()}
+    wrong = ([f"{n} missing" for n in expected.keys() - found.keys()]
+             + [f"{n} unexpected" for n in found.keys() - expected.keys()]
+             + [f"{n} is {list(found[n])}, expected {list(expected[n])}"
+                for n in expected.keys() & found.keys() if found[n] != expected[n]])
+    if wrong:
+        raise weights.WeightsError(f"{w.path}: its tensors do not match the model its metadata describes "
+                                   f"({len(wrong)} differences: {'; '.join(sorted(wrong)[:3])})")
+    model.load_state_dict(w.tensors)
+    return model
+
+
 def load_network(path: str | Path, kind: type[SRMeta] | type[ClassifierMeta],
                  device: str | torch.device | None = None) -> tuple[nn.Module, SRMeta | ClassifierMeta, Path]:
-    """The EMA weights of an SRResNet or attribute-classifier checkpoint (or run directory), in eval mode, its
-    metadata and the checkpoint file."""
-    state, meta, path = checkpoint.read(path, kind)
-    model = models.build(meta)
-    model.load_state_dict(state["ema"])
-    return model.to(dist.default_device(device)).eval(), meta, path
+    """The EMA weights of an SRResNet or attribute-classifier checkpoint (or run directory, or exported file),
+    in eval mode, its metadata and the file."""
+    w = load_weights(path, kind)
+    return _loaded(models.build(w.meta), w).to(dist.default_device(device)).eval(), w.meta, w.path
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""Text-to-face sampling from a diffusion checkpoint, optionally upsampled by a trained SRResNet.
+"""Text-to-face sampling from a diffusion checkpoint or exported file, optionally upsampled by a trained SRResNet.
 
   python -m ddpdiff.sample --checkpoint runs/celeba64 --prompt "Photo of person blond hair, smiling." \\
       --num 8 --out samples [--upsampler runs/sr]
@@ -55,7 +55,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ddpdiff.sample", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, metavar="RUN_DIR|FILE",
-                   help="diffusion checkpoint, or a run directory meaning its newest complete checkpoint")
+                   help="diffusion checkpoint, a run directory meaning its newest complete checkpoint, or an "
+                        "exported .safetensors file (python -m ddpdiff.export)")
     p.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt (repeat for several)")
     p.add_argument("--prompts-file", metavar="FILE", help="one prompt per line (blank lines skipped)")
     p.add_argument("--num", type=int, default=4, help="images per prompt (default 4)")
@@ -67,12 +68,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed; the same seed gives the same files (default 0)")
     p.add_argument("--batch-size", type=int, default=64, help="images per sampler batch (default 64)")
     p.add_argument("--device", help="torch device (default cuda if available, else cpu)")
-    p.add_argument("--raw", action="store_true", help="use the raw trained weights instead of the EMA weights")
+    p.add_argument("--raw", action="store_true", help="use the raw trained weights instead of the EMA weights "
+                   "(checkpoints only: an export holds the EMA weights)")
     p.add_argument("--clip-pretrained", metavar="TAG|FILE",
                    help="where the checkpoint's CLIP weights are, e.g. a local file on an offline node "
                         "(default: as recorded in the checkpoint)")
-    p.add_argument("--upsampler", metavar="RUN_DIR|FILE", help="SRResNet run or checkpoint to upsample with "
-                   "(python -m ddpdiff.train_sr); writes *_SIZE.png beside the originals")
+    p.add_argument("--upsampler", metavar="RUN_DIR|FILE", help="SRResNet run, checkpoint or exported file to "
+                   "upsample with (python -m ddpdiff.train_sr); writes *_SIZE.png beside the originals")
     p.add_argument("--sr-batch-size", type=int, default=8, help="images per upsampler batch (default 8)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created; files are overwritten)")
     return p

@@ -30,6 +30,22 @@ def test_readme_python_example_runs(diffusion_run, sr_run):
     assert scope["faces"].min() >= -1 and scope["faces"].max() <= 1 and not torch.equal(scope["faces"][0], scope["faces"][1])
 
 
+def test_readme_export_example_runs(diffusion_run, tmp_path, monkeypatch):
+    """The README's five-line notebook example, on the smoke run exported where the example looks for it."""
+    from PIL import Image
+
+    from ddpdiff import export
+
+    block = next(b for b in re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+                 if "Pipeline.from_pretrained" in b)
+    assert len(block.strip().splitlines()) == 5
+    assert export.main(["--checkpoint", str(diffusion_run), "--out", str(tmp_path / "celeba64.safetensors")]) == 0
+    monkeypatch.chdir(tmp_path)
+    exec(block, {})
+    faces = [Image.open(tmp_path / f"face{i}.png") for i in range(2)]
+    assert [f.size for f in faces] == [(64, 64)] * 2 and faces[0].tobytes() != faces[1].tobytes()
+
+
 def test_one_shard_path_for_celeba():
     """The configs that train on CelebA and every README command read the shards where step 2 writes them."""
     import yaml
