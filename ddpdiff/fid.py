@@ -169,7 +169,7 @@ class Stats:
         try:
             with np.load(path, allow_pickle=False) as z:
                 mu, sigma = np.asarray(z["mu"], np.float64), np.asarray(z["sigma"], np.float64)
-                feats = z["features"] if "features" in z else None
+                feats = z.get("features")
                 num = int(z["num"]) if "num" in z else (len(feats) if feats is not None else 0)
                 key = json.loads(str(z["key"])) if "key" in z else None
         except (OSError, ValueError, KeyError, EOFError) as e:
