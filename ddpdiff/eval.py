@@ -124,12 +124,12 @@ def main(argv: list[str] | None = None) -> int:
         report = evaluate(args.checkpoint, args.data, parse_metrics(args.metrics), args.num, args.steps,
                           args.guidance, args.classifier, parse_attributes(args.attributes), args.inception,
                           sampler=args.sampler, seed=args.seed, batch_size=args.batch_size, device=env.device,
-                          clip_pretrained=args.clip_pretrained, progress=not args.no_progress and dist.is_main(),
+                          clip_pretrained=args.clip_pretrained, progress=not args.no_progress and env.rank == 0,
                           save_samples=args.save_samples, fid_split=args.fid_split, fid_count=args.fid_count,
                           bf16=not args.fp32, log=lambda msg: dist.print0(msg, file=sys.stderr))
     finally:
         dist.cleanup()
-    if not dist.is_main():
+    if env.rank != 0:  # rank 0 alone reports
         return 0
     run_dir = run_dir_of(Path(report["checkpoint"]))
     out = run_dir / "eval" / (f"step_{report['step']:08d}_num{args.num}_steps{args.steps}_"

@@ -7,8 +7,8 @@ The network is torch-fidelity's port of the TensorFlow Inception graph FID was d
 (`FeatureExtractorInceptionV3`, 2048-d pool features): its own TF1-compatible bilinear resize to 299x299 of
 8-bit images and its scaling. The weights cannot be downloaded here, so they come from a local file named by
 `--inception FILE` or DDPDIFF_INCEPTION_WEIGHTS: torch-fidelity's `weights-inception-2015-12-05-6726825d.pth`
-(a state dict with its module names; pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` uses the same
-names). FID comes from feature sums (count, sum f, sum f f^T in float64), so ranks add theirs with one
+(a state dict with its module names, which are torchvision's Inception3 names with a 1008-class `fc`;
+pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` is made for those names too, untested here). FID comes from feature sums (count, sum f, sum f f^T in float64), so ranks add theirs with one
 all-reduce; KID from the features themselves, with torch-fidelity's subsets, kernel and seed.
 """
 
