@@ -1,7 +1,7 @@
 """Evaluate a diffusion checkpoint: attribute accuracy, CLIP score and FID of samples for val-split prompts.
 
   torchrun --nproc_per_node=8 -m ddpdiff.eval --checkpoint runs/celeba64 --classifier runs/classifier \\
-      --inception weights-inception-2015-12-05-6726825d.pth [--num 10000] [--metrics attr_acc,clip_score,fid]
+      --inception weights-inception-2015-12-05-6726825d.pth [--num-samples 10000] [--metrics attr_acc,clip_score,fid]
 
 Every rank generates its share of the samples (rank r: samples r, r + world size, ...; under bf16 autocast
 on GPUs) and the metric sums are all-reduced, so the report does not depend on the number of ranks; plain
@@ -89,9 +89,10 @@ def parser() -> argparse.ArgumentParser:
                    "images (default: the checkpoint's data.shards)")
     p.add_argument("--metrics", default=",".join(METRICS), help=f"comma-separated, any of {', '.join(METRICS)} "
                    "(default all)")
-    p.add_argument("--num", type=int, default=10_000, help="samples to generate, one per val prompt, cycling "
-                   "(default 10000, the usual FID count; 50000 for the papers that use it; compare FIDs only at "
-                   "the same count)")
+    p.add_argument("--num-samples", "--num", dest="num", type=int, default=10_000, metavar="N",
+                   help="samples to generate, one per val prompt, cycling (default 10000, the usual FID count; "
+                   "50000 for the papers that use it; compare FIDs only at the same count). Under torchrun "
+                   "write --num-samples: torchrun takes --num for its own --numa-binding")
     p.add_argument("--steps", type=int, default=50, help="sampling steps, at most diffusion.timesteps (default 50)")
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (default 3)")
     p.add_argument("--sampler", choices=sorted(SAMPLERS), default="ddim", help="sampler (default ddim)")

@@ -100,7 +100,7 @@ def test_two_ranks_report_the_fid_and_kid_of_one_rank(diffusion_run, shards_dir,
 
     weights = random_inception(tmp_path / "inception.pth")
     args = ["-m", "ddpdiff.eval", "--checkpoint", str(diffusion_run), "--data", str(shards_dir), "--metrics", "fid",
-            "--num", "6", "--steps", "2", "--inception", str(weights), "--fid-count", "9", "--batch-size", "2",
+            "--num-samples", "6", "--steps", "2", "--inception", str(weights), "--fid-count", "9", "--batch-size", "2",
             "--no-progress", "--device", "cpu"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     two = _eval_json([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
