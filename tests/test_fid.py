@@ -1,4 +1,5 @@
-"""FID (`ddpdiff.fid`): the Fréchet distance against closed forms, moments summed over parts, weights loading."""
+"""FID and KID (`ddpdiff.fid`, `python -m ddpdiff.fid`): moments, weights loading, folders, cached reference
+statistics, and agreement with torch-fidelity's own runner."""
 
 import numpy as np
 import pytest
@@ -7,6 +8,7 @@ from PIL import Image
 from torch import nn
 
 from ddpdiff import fid
+from ddpdiff.fid import __main__ as fid_cli
 
 
 def _stats(mu, cov):
@@ -161,7 +163,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch):
              ([str(a), str(a), "--inception", str(weights)], "w.pth: not Inception weights"),
              ([str(a), str(a)], "no Inception weights")]
     for argv, message in cases:
-        assert fid.main(argv) == 2
+        assert fid_cli.main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("ddpdiff.fid: error: ") and message in err[0], err
 
@@ -230,7 +232,7 @@ def test_cli_equals_torch_fidelity_on_the_same_folders_and_weights(inception_fil
     import torch_fidelity
 
     a, b = write_images(tmp_path / "a", 6, 0, 0), write_images(tmp_path / "b", 6, 60, 1)
-    assert fid.main([str(a), str(b), "--inception", str(inception_file), "--kid-subsets", "5", "--no-progress",
+    assert fid_cli.main([str(a), str(b), "--inception", str(inception_file), "--kid-subsets", "5", "--no-progress",
                      "--save-stats", str(tmp_path / "a.npz")]) == 0
     lines = capsys.readouterr().out.splitlines()
     ours_fid, ours_kid = float(lines[0].split()[1]), float(lines[1].split()[1])
@@ -242,6 +244,6 @@ def test_cli_equals_torch_fidelity_on_the_same_folders_and_weights(inception_fil
     assert ours_kid == pytest.approx(theirs["kernel_inception_distance_mean"], rel=1e-4)
     assert "(5 subsets of 6)" in lines[1]
 
-    assert fid.main([str(tmp_path / "a.npz"), str(b), "--inception", str(inception_file), "--kid-subsets", "5",
+    assert fid_cli.main([str(tmp_path / "a.npz"), str(b), "--inception", str(inception_file), "--kid-subsets", "5",
                      "--no-progress"]) == 0  # the saved stats in place of the folder: the same figures
     assert capsys.readouterr().out.splitlines() == lines

@@ -138,5 +138,5 @@ def test_fid_reference_is_the_cached_train_split_and_the_report_names_it(shards_
     assert stats.num == n_train and stats.key["weights_sha256"] == fid.sha256_file(weights)
     assert report["fid"]["value"] > 0 and np.isfinite(report["fid"]["kid"])
     assert f"vs {n_train} train images, stats {ref['stats']})" in ev.summary(report)
-    with pytest.raises(ev.EvalError, match=r"--fid-split test: .* has no such split \(it has train, val"):
-        ev.Evaluator(shards_dir, meta_of(shards_dir), ["fid"], 3, inception=Tiny(), fid_split="test")
+    with pytest.raises(ev.EvalError, match=r"--fid-split holdout: .* has no such split \(it has train, val"):
+        ev.Evaluator(shards_dir, meta_of(shards_dir), ["fid"], 3, inception=Tiny(), fid_split="holdout")

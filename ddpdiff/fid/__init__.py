@@ -1,24 +1,21 @@
-"""FID and KID as the reference implementation computes them, reference statistics cached beside the shards,
-and a folder-against-folder command line.
-
-  python -m ddpdiff.fid DIR_A DIR_B --inception FILE      (either side may be a .npz stats file)
+"""FID and KID as the reference implementation computes them, and reference statistics cached beside the
+shards (the folder-against-folder command line, `python -m ddpdiff.fid`, is in __main__.py).
 
 The network is torch-fidelity's port of the TensorFlow Inception graph FID was defined with
 (`FeatureExtractorInceptionV3`, 2048-d pool features): its own TF1-compatible bilinear resize to 299x299 of
 8-bit images and its scaling. The weights cannot be downloaded here, so they come from a local file named by
 `--inception FILE` or DDPDIFF_INCEPTION_WEIGHTS: torch-fidelity's `weights-inception-2015-12-05-6726825d.pth`
 (a state dict with its module names, which are torchvision's Inception3 names with a 1008-class `fc`;
-pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` is made for those names too, untested here). FID comes from feature sums (count, sum f, sum f f^T in float64), so ranks add theirs with one
-all-reduce; KID from the features themselves, with torch-fidelity's subsets, kernel and seed.
+pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` is made for those names too, untested here). FID
+comes from feature sums (count, sum f, sum f f^T in float64), so ranks add theirs with one all-reduce; KID
+from the features themselves, with torch-fidelity's subsets, kernel and seed.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -29,9 +26,9 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
-from . import dist
-from .atomic import atomic_write, sha256_file
-from .errors import UsageError, cli
+from .. import dist
+from ..atomic import atomic_write, sha256_file
+from ..errors import UsageError
 
 ENV = "DDPDIFF_INCEPTION_WEIGHTS"
 DIM = 2048
@@ -254,7 +251,7 @@ def stats_path(shards: str | os.PathLike, key: dict) -> Path:
 
 def reference_key(shards: str | os.PathLike, split: str, count: int | None, weights: str | os.PathLike) -> dict:
     """The cache key of a split's reference stats; count None means the whole split."""
-    from . import data
+    from .. import data
 
     manifest = data.load_manifest(shards)
     n = data.split_count(manifest, split)
@@ -270,8 +267,8 @@ def split_stats(shards: str | os.PathLike, split: str, count: int, net: nn.Modul
                 key: dict | None = None, progress: bool = False) -> Stats:
     """Stats of the first `count` images of a split, shared over the ranks (rank r takes batches r, r + W, ...),
     with the features of every ceil(count / KID_REFERENCE)-th image kept for KID. Call on every rank."""
-    from .data import index, load_manifest
-    from .data.batch import Reader
+    from ..data import index, load_manifest
+    from ..data.batch import Reader
 
     manifest = load_manifest(shards)
     reader = Reader(index.build(shards, manifest, split, False, ()), manifest, {})
@@ -304,70 +301,3 @@ def reference_stats(shards: str | os.PathLike, split: str, count: int | None, ne
             cached.save(path)
         dist.barrier()
     return cached, path
-
-
-# -- command line ----------------------------------------------------------------------------------------------
-
-def side(source: str) -> Stats | list[Path]:
-    """A stats file's contents, or a folder's images: what one side of the command line names, checked before
-    the network loads."""
-    if source.endswith(".npz") and not Path(source).is_dir():
-        if not Path(source).is_file():
-            raise FIDError(f"{source}: no such stats file")
-        return Stats.load(source)
-    return folder_images(source)
-
-
-def side_stats(source: str, net: nn.Module, sha: str, batch_size: int, progress: bool) -> Stats:
-    """Stats of one side: a folder's computed now, or a stats file's if made with the same weights."""
-    found = side(source)
-    if isinstance(found, list):
-        return folder_stats(found, net, batch_size, progress, {"folder": os.path.realpath(source),
-                                                               "weights_sha256": sha})
-    made_with = (found.key or {}).get("weights_sha256")
-    if made_with and made_with != sha:
-        raise FIDError(f"{source}: computed with other Inception weights (sha256 {made_with[:16]}..., "
-                       f"--inception has {sha[:16]}...)")
-    return found
-
-
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ddpdiff.fid", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("a", metavar="DIR_A|STATS.npz", help="a folder of images (.png/.jpg/.jpeg, not recursive) or "
-                   "a stats file (this command's --save-stats, or pytorch-fid's mu/sigma .npz: FID only)")
-    p.add_argument("b", metavar="DIR_B|STATS.npz", help="the other set, likewise")
-    p.add_argument("--inception", metavar="FILE", help=f"torch-fidelity's {WEIGHTS_NAME} (default: ${ENV})")
-    p.add_argument("--batch-size", type=int, default=64, help="images per Inception batch (default 64)")
-    p.add_argument("--kid-subsets", type=int, default=KID_SUBSETS, help=f"KID subsets (default {KID_SUBSETS})")
-    p.add_argument("--kid-subset-size", type=int, default=KID_SUBSET_SIZE,
-                   help=f"images per KID subset, capped at the smaller set's size (default {KID_SUBSET_SIZE})")
-    p.add_argument("--save-stats", metavar="OUT.npz", help="also write DIR_A's stats there, to reuse as DIR_A")
-    p.add_argument("--device", help="torch device (default cuda if available, else cpu)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    return p
-
-
-@cli("ddpdiff.fid")
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    path = weights_path(args.inception)
-    if path is None:
-        raise FIDError(SKIP_MESSAGE.replace("fid skipped: ", ""))
-    if args.batch_size < 1 or args.kid_subsets < 1:
-        raise FIDError("--batch-size and --kid-subsets must be >= 1")
-    for source in (args.a, args.b):
-        side(source)
-    net, sha = load(path, dist.default_device(args.device)), sha256_file(path)
-    a, b = (side_stats(s, net, sha, args.batch_size, not args.no_progress) for s in (args.a, args.b))
-    if args.save_stats:
-        a.save(args.save_stats)
-    print(f"FID: {frechet_distance(a, b):.6f} ({a.num} vs {b.num} images)")
-    k = kid(a, b, args.kid_subsets, args.kid_subset_size)
-    print(f"KID: {k['value']:.6f} ± {k['std']:.6f} ({k['subsets']} subsets of {k['subset_size']})" if k else
-          "KID: not computed (a stats file without features)", flush=True)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
