@@ -130,9 +130,14 @@ class Evaluator:
         if problem:
             raise EvalError(f"{shards}: its embeddings do not come from the checkpoint's CLIP ({problem})")
         n_val = data.split_count(manifest, "val")
-        if "fid" in self.metrics and fid_split not in manifest["splits"]:
-            raise EvalError(f"--fid-split {fid_split}: {shards} has no such split (it has "
-                            f"{', '.join(manifest['splits'])})")
+        if "fid" in self.metrics:
+            if fid_split not in manifest["splits"]:
+                raise EvalError(f"--fid-split {fid_split}: {shards} has no such split (it has "
+                                f"{', '.join(manifest['splits'])})")
+            n_ref = data.split_count(manifest, fid_split)
+            if fid_count is not None and not 2 <= fid_count <= n_ref:
+                raise EvalError(f"--fid-count {fid_count}: the {fid_split} split of {shards} has {n_ref} images "
+                                "(at least 2 needed)")
         if not world_size <= num or not world_size <= n_val:
             raise EvalError(f"--num {num} and the val split of {shards} ({n_val} images) must both be at least "
                             f"the number of ranks ({world_size})")

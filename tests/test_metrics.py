@@ -140,3 +140,5 @@ def test_fid_reference_is_the_cached_train_split_and_the_report_names_it(shards_
     assert f"vs {n_train} train images, stats {ref['stats']})" in ev.summary(report)
     with pytest.raises(ev.EvalError, match=r"--fid-split holdout: .* has no such split \(it has train, val"):
         ev.Evaluator(shards_dir, meta_of(shards_dir), ["fid"], 3, inception=Tiny(), fid_split="holdout")
+    with pytest.raises(ev.EvalError, match=rf"--fid-count 100000: the train split of .* has {n_train} images"):
+        ev.Evaluator(shards_dir, meta_of(shards_dir), ["fid"], 3, inception=Tiny(), fid_count=100_000)
