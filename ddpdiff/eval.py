@@ -1,7 +1,12 @@
 """Evaluate a diffusion checkpoint: attribute accuracy, CLIP score and FID of samples for val-split prompts.
 
-  python -m ddpdiff.eval --checkpoint runs/celeba64 --classifier runs/classifier --num 1000 \\
-      [--metrics attr_acc,clip_score,fid] [--attributes Smiling,Eyeglasses] [--inception FILE]
+  torchrun --nproc_per_node=8 -m ddpdiff.eval --checkpoint runs/celeba64 --classifier runs/classifier \\
+      --inception weights-inception-2015-12-05-6726825d.pth [--num-samples 10000] [--metrics attr_acc,clip_score,fid]
+
+Every rank generates its share of the samples (rank r: samples r, r + world size, ...; under bf16 autocast
+on GPUs) and the metric sums are all-reduced, so the report does not depend on the number of ranks; plain
+`python -m ddpdiff.eval` is one rank. FID and KID compare the samples with the reference statistics of a
+split (--fid-split, default all train images), computed once and cached beside the shards.
 
 Sample i is generated for the prompt (and stored CLIP embeddings) of val image i, cycling when --num exceeds
 the val split, from the seed `python -m ddpdiff.sample --seed SEED` gives prompt i's first image; every
@@ -22,7 +27,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from . import fid
+from . import dist, fid
 from .atomic import write_text
 from .errors import cli
 from .images import write_png
@@ -37,11 +42,13 @@ def evaluate(checkpoint: str | Path, shards: str | Path | None = None, metrics: 
              attributes: Iterable[str] | str | None = None, inception: str | Path | nn.Module | None = None,
              sampler: str = "ddim", seed: int = 0, batch_size: int = 64, device: str | None = None,
              clip_pretrained: str | None = None, progress: bool = True, save_samples: str | Path | None = None,
+             fid_split: str = "train", fid_count: int | None = None, bf16: bool = True,
              log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr, flush=True)) -> dict:
-    """Generate `num` samples for val prompts with a diffusion checkpoint and report the metrics (one process).
+    """Generate `num` samples for val prompts with a diffusion checkpoint and report the metrics; call it on
+    every rank (after `dist.init`) or in one process.
 
     `shards` defaults to the checkpoint's own data.shards; a seed gives the same report again. With
-    `save_samples`, sample i is also written there as iIIIIII.png.
+    `save_samples`, sample i is also written there as iIIIIII.png. `bf16`: sample under bf16 autocast on GPUs.
     """
     metrics = parse_metrics(metrics)
     pipe = Pipeline.from_checkpoint(checkpoint, device, encoder="clip_score" in metrics,
@@ -50,17 +57,21 @@ def evaluate(checkpoint: str | Path, shards: str | Path | None = None, metrics: 
     shards = shards or pipe.shards
     evaluator = Evaluator(shards, pipe.meta, metrics, num, classifier=classifier, attributes=attributes,
                           inception=inception, device=pipe.device, batch_size=batch_size, encoder=pipe.encoder,
+                          fid_split=fid_split, fid_count=fid_count, rank=dist.rank(), world_size=dist.world_size(),
                           progress=progress, log=log)
+
     def generate(batch: dict) -> torch.Tensor:
-        images = pipe.generate_for(batch, seed, sampler=sampler, steps=steps, guidance=guidance,
-                                   batch_size=batch_size, progress=progress)
+        with torch.autocast("cuda", torch.bfloat16, enabled=bf16 and pipe.device.type == "cuda"):
+            images = pipe.generate_for(batch, seed, sampler=sampler, steps=steps, guidance=guidance,
+                                       batch_size=batch_size, progress=progress)
         if save_samples:
             for i, image in zip(batch["index"], images):
                 write_png(Path(save_samples) / f"i{i:06d}.png", image)
         return images
     report = evaluator.run(generate)
     settings = {"checkpoint": str(pipe.source), "step": pipe.step, "shards": str(shards), "sampler": sampler,
-                "steps": steps, "guidance": guidance, "seed": seed, "classifier": str(classifier) if classifier else None}
+                "steps": steps, "guidance": guidance, "seed": seed, "classifier": str(classifier) if classifier else None,
+                "ranks": dist.world_size(), "bf16": bf16 and pipe.device.type == "cuda"}
     return {**settings, **report}
 
 
@@ -79,8 +90,10 @@ def parser() -> argparse.ArgumentParser:
                    "images (default: the checkpoint's data.shards)")
     p.add_argument("--metrics", default=",".join(METRICS), help=f"comma-separated, any of {', '.join(METRICS)} "
                    "(default all)")
-    p.add_argument("--num", type=int, default=64, help="samples to generate, one per val prompt (default 64; "
-                   "FID wants thousands)")
+    p.add_argument("--num-samples", "--num", dest="num", type=int, default=10_000, metavar="N",
+                   help="samples to generate, one per val prompt, cycling (default 10000, the usual FID count; "
+                   "50000 for the papers that use it; compare FIDs only at the same count). Under torchrun "
+                   "write --num-samples: torchrun takes --num for its own --numa-binding")
     p.add_argument("--steps", type=int, default=50, help="sampling steps, at most diffusion.timesteps (default 50)")
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (default 3)")
     p.add_argument("--sampler", choices=sorted(SAMPLERS), default="ddim", help="sampler (default ddim)")
@@ -89,10 +102,16 @@ def parser() -> argparse.ArgumentParser:
                         "ddpdiff.train_classifier (needed for attr_acc)")
     p.add_argument("--attributes", metavar="NAMES", help="comma-separated attributes averaged into the attr_acc "
                    "mean, or 'visible' for the synthetic data's drawn ones (default all 40)")
-    p.add_argument("--inception", metavar="FILE", help=f"Inception-v3 weights for fid (default: ${fid.ENV})")
+    p.add_argument("--inception", metavar="FILE", help=f"torch-fidelity's {fid.WEIGHTS_NAME} for fid "
+                   f"(default: ${fid.ENV})")
+    p.add_argument("--fid-split", default="train", help="split whose images are FID's reference (default train)")
+    p.add_argument("--fid-count", type=int, metavar="N", help="FID's reference: the split's first N images "
+                   "(default all); statistics are cached beside the shards per split, count and weights")
     p.add_argument("--seed", type=int, default=0, help="sampling seed; the same seed gives the same report")
     p.add_argument("--batch-size", type=int, default=64, help="images per sampler and metric batch (default 64)")
-    p.add_argument("--device", help="torch device (default cuda if available, else cpu)")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
+                   help="auto: this rank's GPU when CUDA works, else the CPU (default auto)")
+    p.add_argument("--fp32", action="store_true", help="sample in float32 on GPUs too (default: bf16 autocast)")
     p.add_argument("--clip-pretrained", metavar="TAG|FILE",
                    help="where the checkpoint's CLIP weights are on an offline node (default: as recorded)")
     p.add_argument("--save-samples", metavar="DIR", help="also write the generated samples there (iIIIIII.png)")
@@ -103,11 +122,18 @@ def parser() -> argparse.ArgumentParser:
 @cli("ddpdiff.eval")
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    report = evaluate(args.checkpoint, args.data, parse_metrics(args.metrics), args.num, args.steps,
-                      args.guidance, args.classifier, parse_attributes(args.attributes), args.inception,
-                      sampler=args.sampler, seed=args.seed, batch_size=args.batch_size, device=args.device,
-                      clip_pretrained=args.clip_pretrained, progress=not args.no_progress,
-                      save_samples=args.save_samples)
+    env = dist.init(device=args.device)
+    try:
+        report = evaluate(args.checkpoint, args.data, parse_metrics(args.metrics), args.num, args.steps,
+                          args.guidance, args.classifier, parse_attributes(args.attributes), args.inception,
+                          sampler=args.sampler, seed=args.seed, batch_size=args.batch_size, device=env.device,
+                          clip_pretrained=args.clip_pretrained, progress=not args.no_progress and env.rank == 0,
+                          save_samples=args.save_samples, fid_split=args.fid_split, fid_count=args.fid_count,
+                          bf16=not args.fp32, log=lambda msg: dist.print0(msg, file=sys.stderr))
+    finally:
+        dist.cleanup()
+    if env.rank != 0:  # rank 0 alone reports
+        return 0
     run_dir = run_dir_of(Path(report["checkpoint"]))
     out = run_dir / "eval" / (f"step_{report['step']:08d}_num{args.num}_steps{args.steps}_"
                               f"guidance{args.guidance:g}.json")

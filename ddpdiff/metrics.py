@@ -6,8 +6,9 @@ Sample i (of `num`) has the prompt, stored embeddings and attributes of val imag
               attributes each prompt names or leaves out, per attribute and the mean over `attributes`;
   clip_score  cosine between the CLIP image embedding of each image (through CLIP's own preprocessing)
               and its prompt's text embedding, with the CLIP model the checkpoint names;
-  fid         Fréchet Inception distance between the samples and the first `num` val images; needs local
-              Inception weights (see ddpdiff/fid.py).
+  fid         Fréchet Inception distance (and KID) between the samples and the reference statistics of a
+              split (default: all train images, cached beside the shards); needs local Inception weights
+              (see ddpdiff/fid.py).
 A metric whose inputs are missing is skipped with a message saying how to provide them.
 """
 
@@ -24,7 +25,7 @@ from tqdm import tqdm
 from . import clip, data, dist, fid, synthetic
 from .celeba import ATTRIBUTES
 from .errors import UsageError
-from .images import as_saved, to_pil
+from .images import as_saved, to_pil, to_uint8
 from .models import ClassifierMeta, DenoiserMeta
 from .pipeline import load_network
 
@@ -96,7 +97,8 @@ def _take(batch: dict, rows: list[int]) -> dict:
 
 class Evaluator:
     """One evaluation setup, loaded once and run at many steps: this rank's share of the val prompts and
-    real images, the classifier, CLIP and Inception, and the real-image ceilings (computed on first use).
+    real images, the classifier, CLIP and Inception, the real-image ceilings and FID's reference statistics
+    (computed on first use, by all ranks).
 
     Rank r makes samples r, r + world_size, … (`samples["index"]`); sums over ranks give the results, so every
     rank returns the same report.
@@ -105,7 +107,8 @@ class Evaluator:
         meta: the diffusion checkpoint's metadata; the shards' embeddings must come from the same CLIP.
         classifier: train_classifier run directory or checkpoint; None skips attr_acc with a message.
         inception: Inception weights file (None: DDPDIFF_INCEPTION_WEIGHTS or skip fid), or a ready
-            feature network [B,3,H,W] in [-1,1] -> [B,D].
+            feature network, uint8 [B,3,H,W] -> [B,D] (its reference statistics are then not cached).
+        fid_split, fid_count: FID's reference: the first `fid_count` images of `fid_split` (None: all).
         encoder: the CLIP encoder for clip_score when the caller has it loaded already.
         log: where skip messages go (the CLI keeps stdout for the JSON report).
     """
@@ -114,16 +117,27 @@ class Evaluator:
                  classifier: str | Path | None = None, attributes: Iterable[str] | str | None = None,
                  inception: str | Path | nn.Module | None = None, device: str | torch.device | None = None,
                  batch_size: int = 64, clip_pretrained: str | None = None, encoder: clip.Encoder | None = None,
+                 fid_split: str = "train", fid_count: int | None = None,
                  rank: int = 0, world_size: int = 1, progress: bool = False,
                  log: Callable[[str], None] = lambda msg: None):
         self.metrics, self.attributes = parse_metrics(metrics), parse_attributes(attributes)
         self.device = dist.default_device(device)
         self.batch_size, self.progress, self.num, self.skipped = batch_size, progress, num, {}
+        self.shards, self.fid_split, self.fid_count, self.log = shards, fid_split, fid_count, log
+        self.inception_file: Path | None = None
         manifest = data.load_manifest(shards)
         problem = clip.mismatch(meta.clip, meta.empty_prompt, manifest["clip"], manifest["empty_prompt"])
         if problem:
             raise EvalError(f"{shards}: its embeddings do not come from the checkpoint's CLIP ({problem})")
         n_val = data.split_count(manifest, "val")
+        if "fid" in self.metrics:
+            if fid_split not in manifest["splits"]:
+                raise EvalError(f"--fid-split {fid_split}: {shards} has no such split (it has "
+                                f"{', '.join(manifest['splits'])})")
+            n_ref = data.split_count(manifest, fid_split)
+            if fid_count is not None and not 2 <= fid_count <= n_ref:
+                raise EvalError(f"--fid-count {fid_count}: the {fid_split} split of {shards} has {n_ref} images "
+                                "(at least 2 needed)")
         if not world_size <= num or not world_size <= n_val:
             raise EvalError(f"--num {num} and the val split of {shards} ({n_val} images) must both be at least "
                             f"the number of ranks ({world_size})")
@@ -150,8 +164,9 @@ class Evaluator:
             elif (path := fid.weights_path(inception)) is None:
                 self._skip("fid", fid.SKIP_MESSAGE, log)
             else:
-                self.inception = fid.load(path, device=self.device)
+                self.inception, self.inception_file = fid.load(path, device=self.device), path
         self._real_sums: dict[str, torch.Tensor] | None = None
+        self._reference: tuple[fid.Stats, Path | None] | None = None
 
     def _skip(self, metric: str, message: str, log: Callable[[str], None]) -> None:
         self.metrics.remove(metric)
@@ -167,9 +182,28 @@ class Evaluator:
         if "clip_score" in self.metrics:
             scores = clip_scores(self.encoder, images, batch["text_emb"], self.batch_size, self.progress)
             sums["clip_score"] = torch.stack([scores.sum(), torch.tensor(float(len(scores)), dtype=torch.float64)])
-        if "fid" in self.metrics:
-            sums["fid"] = fid.moments(fid.features(self.inception, images, self.batch_size, self.progress))
         return {k: dist.all_sum(v) for k, v in sums.items()}
+
+    def _fid_stats(self, images: torch.Tensor) -> fid.Stats:
+        """The samples' FID statistics over all ranks: feature sums all-reduced, and every sample's features
+        (for KID) in its row of a zero buffer, all-reduced."""
+        feats = fid.features(self.inception, to_uint8(images).movedim(-1, -3), self.batch_size, self.progress)
+        every = torch.zeros(self.num, feats.shape[1])
+        every[self.samples["index"]] = feats
+        return fid.Stats.of(dist.all_sum(fid.moments(feats)), dist.all_sum(every))
+
+    def reference(self) -> tuple[fid.Stats, Path | None]:
+        """FID's reference statistics and their cache file (None for an injected network); on every rank."""
+        if self._reference is None:
+            if self.inception_file is None:
+                count = self.fid_count or data.split_count(data.load_manifest(self.shards), self.fid_split)
+                stats = fid.split_stats(self.shards, self.fid_split, count, self.inception, self.batch_size)
+                self._reference = stats, None
+            else:
+                self._reference = fid.reference_stats(self.shards, self.fid_split, self.fid_count, self.inception,
+                                                      self.inception_file, self.batch_size, self.progress,
+                                                      self.log)
+        return self._reference
 
     @torch.no_grad()
     def run(self, generate: Callable[[dict], torch.Tensor]) -> dict:
@@ -184,7 +218,17 @@ class Evaluator:
         gen = self._sums(as_saved(images), self.samples)  # 8-bit, as saved and as the real ones
         if self._real_sums is None:
             self._real_sums = self._sums(self.real["image"], self.real)
-        return self._report(gen, self._real_sums)
+        out = self._report(gen, self._real_sums)
+        if "fid" in self.metrics:
+            out["fid"] = self._fid_report(self._fid_stats(images))
+        return out
+
+    def _fid_report(self, samples: fid.Stats) -> dict:
+        reference, path = self.reference()
+        k = fid.kid(samples, reference)
+        return {"value": fid.frechet_distance(samples, reference), "num": samples.num, "kid": k["value"],
+                "kid_std": k["std"], "kid_subsets": k["subsets"], "kid_subset_size": k["subset_size"],
+                "reference": {"split": self.fid_split, "count": reference.num, "stats": str(path) if path else None}}
 
     def _report(self, gen: dict, real: dict) -> dict:
         out: dict = {"metrics": list(self.metrics), "skipped": dict(self.skipped), "num": self.num}
@@ -199,9 +243,6 @@ class Evaluator:
         if "clip_score" in gen:
             (gs, gn), (rs, rn) = gen["clip_score"].tolist(), real["clip_score"].tolist()
             out["clip_score"] = {"samples": gs / gn, "real": rs / rn, "num": int(gn), "num_real": int(rn)}
-        if "fid" in gen:
-            out["fid"] = {"value": fid.fid_from_moments(gen["fid"], real["fid"]), "num": int(gen["fid"][0]),
-                          "num_real": int(real["fid"][0])}
         return out
 
 
@@ -216,7 +257,7 @@ def scalars(report: dict) -> tuple[dict[str, float], dict[str, float]]:
         head.update({"eval/clip_score": report["clip_score"]["samples"],
                      "eval/clip_score_real": report["clip_score"]["real"]})
     if "fid" in report:
-        head["eval/fid"] = report["fid"]["value"]
+        head.update({"eval/fid": report["fid"]["value"], "eval/kid": report["fid"]["kid"]})
     return head, detail
 
 
@@ -234,6 +275,8 @@ def summary(report: dict) -> str:
         lines.append(f"CLIP score: {c['samples']:.4f} (real val images: {c['real']:.4f})")
     if "fid" in report:
         f = report["fid"]
-        lines.append(f"FID: {f['value']:.2f} ({f['num']} samples vs {f['num_real']} val images)")
+        r = f["reference"]
+        lines.append(f"FID: {f['value']:.2f}, KID: {f['kid']:.5f} ± {f['kid_std']:.5f} ({f['num']} samples vs "
+                     f"{r['count']} {r['split']} images" + (f", stats {r['stats']})" if r["stats"] else ")"))
     lines += list(report["skipped"].values())
     return "\n".join(lines)

@@ -2,6 +2,10 @@
 same images as the sampling CLI and the in-training previews for the same seeds."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -80,3 +84,37 @@ def test_sampling_cli_evaluation_and_training_previews_give_the_same_images(shar
         # the CLI encodes the prompt anew; the others read the shards' float16 embeddings of the same encoder
         assert np.abs(sampled[i].astype(int) - previews[i]).max() <= 1, f"sample CLI differs for prompt {i}"
     assert not np.array_equal(previews[0], previews[1])
+
+
+def _eval_json(cmd, env):
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout[proc.stdout.index("{"):])
+
+
+@pytest.mark.slow
+def test_two_ranks_report_the_fid_and_kid_of_one_rank(diffusion_run, shards_dir, tmp_path):
+    """torchrun with 2 gloo ranks: each makes half the samples and half the reference features; the sums
+    all-reduced give the 1-rank figures for the same seeds."""
+    from test_fid import random_inception
+
+    weights = random_inception(tmp_path / "inception.pth")
+    args = ["-m", "ddpdiff.eval", "--checkpoint", str(diffusion_run), "--data", str(shards_dir), "--metrics", "fid",
+            "--num-samples", "6", "--steps", "2", "--inception", str(weights), "--fid-count", "9", "--batch-size", "2",
+            "--no-progress", "--device", "cpu"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    two = _eval_json([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                      str(29500 + os.getpid() % 1000), *args], env)
+    stats = Path(two["fid"]["reference"]["stats"])
+    by_two = fid.Stats.load(stats)
+    stats.unlink()  # the 1-rank run computes the reference again, alone
+    one = _eval_json([sys.executable, *args], env)
+    by_one = fid.Stats.load(stats)
+
+    assert (two["ranks"], one["ranks"]) == (2, 1) and two["fid"]["num"] == one["fid"]["num"] == 6
+    assert two["fid"]["reference"] == one["fid"]["reference"]
+    assert two["fid"]["reference"]["count"] == 9 and two["fid"]["value"] > 1
+    np.testing.assert_allclose(by_two.sigma, by_one.sigma, rtol=1e-9, atol=1e-9)
+    np.testing.assert_array_equal(by_two.features, by_one.features)
+    assert two["fid"]["value"] == pytest.approx(one["fid"]["value"], rel=1e-7)
+    assert two["fid"]["kid"] == pytest.approx(one["fid"]["kid"], rel=1e-7, abs=1e-12)

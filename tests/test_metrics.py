@@ -45,7 +45,8 @@ def test_clip_score_of_an_image_with_its_own_embedding_is_one():
 
 def test_samples_equal_to_the_val_images_score_exactly_like_them(shards_dir, classifier_run):
     evaluator = ev.Evaluator(shards_dir, meta_of(shards_dir), ev.METRICS, 4, classifier=classifier_run,
-                             attributes=["Smiling", "Eyeglasses"], inception=Tiny(), batch_size=3)
+                             attributes=["Smiling", "Eyeglasses"], inception=Tiny(), batch_size=3,
+                             fid_split="val", fid_count=4)
     report = evaluator.run(lambda batch: batch["image"])
     a = report["attr_acc"]
     assert a["num"] == a["num_real"] == 4 and a["attributes"] == ["Smiling", "Eyeglasses"]
@@ -55,10 +56,13 @@ def test_samples_equal_to_the_val_images_score_exactly_like_them(shards_dir, cla
     assert all(v["samples"] == v["real"] for v in a["per_attribute"].values())
     assert report["clip_score"]["samples"] == pytest.approx(report["clip_score"]["real"], abs=1e-9)
     assert report["fid"]["value"] == pytest.approx(0, abs=1e-6)
+    assert report["fid"]["reference"] == {"split": "val", "count": 4, "stats": None}
+    assert report["fid"]["num"] == 4 and report["fid"]["kid_subset_size"] == 4
     assert report["skipped"] == {}
 
     noise = evaluator.run(lambda batch: torch.rand(len(batch["prompt"]), 3, 64, 64) * 2 - 1)
     assert noise["fid"]["value"] > 1e-3 and noise["clip_score"]["samples"] != noise["clip_score"]["real"]
+    assert noise["fid"]["kid"] > report["fid"]["kid"]
     assert noise["attr_acc"]["real_mean"] == a["real_mean"]  # the ceiling is computed once
 
 
@@ -117,3 +121,24 @@ def test_hits_count_agreement_per_image_and_attribute():
     flipped[:, 5] = 1 - flipped[:, 5]
     agree = ev.attribute_hits(Reader(), images, flipped)
     assert agree[:, 5].sum() == 0 and agree.sum() == 7 * 39
+
+
+@pytest.mark.slow
+def test_fid_reference_is_the_cached_train_split_and_the_report_names_it(shards_dir, tmp_path):
+    """With a weights file: the reference is every train image by default, written beside the shards once."""
+    from test_fid import random_inception
+
+    weights = random_inception(tmp_path / "inception.pth")
+    n_train = data.split_count(data.load_manifest(shards_dir), "train")
+    evaluator = ev.Evaluator(shards_dir, meta_of(shards_dir), ["fid"], 3, inception=weights, batch_size=16)
+    report = evaluator.run(lambda batch: batch["image"])
+    ref = report["fid"]["reference"]
+    assert ref["split"] == "train" and ref["count"] == n_train and report["fid"]["num"] == 3
+    stats = fid.Stats.load(ref["stats"])
+    assert stats.num == n_train and stats.key["weights_sha256"] == fid.sha256_file(weights)
+    assert report["fid"]["value"] > 0 and np.isfinite(report["fid"]["kid"])
+    assert f"vs {n_train} train images, stats {ref['stats']})" in ev.summary(report)
+    with pytest.raises(ev.EvalError, match=r"--fid-split holdout: .* has no such split \(it has train, val"):
+        ev.Evaluator(shards_dir, meta_of(shards_dir), ["fid"], 3, inception=Tiny(), fid_split="holdout")
+    with pytest.raises(ev.EvalError, match=rf"--fid-count 100000: the train split of .* has {n_train} images"):
+        ev.Evaluator(shards_dir, meta_of(shards_dir), ["fid"], 3, inception=Tiny(), fid_count=100_000)

@@ -28,6 +28,7 @@ PIN_REQUIRES_PYTHON = {
     "pytest": ("9.2.0", ">=3.10"),
     "webdataset": ("1.0.2", ">=3.10"),
     "packaging": ("26.4", ">=3.8"),
+    "torch-fidelity": ("0.4.0", ">=3.6"),
 }
 
 
