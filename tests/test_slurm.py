@@ -10,9 +10,12 @@ from __future__ import annotations
 import importlib.util
 import os
 import pickle
+import shutil
 import signal
+import stat
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -53,7 +56,7 @@ def cluster():
     env = {**os.environ, "SLURM_CONF": str(conf),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     yield env
-    slurm_cluster.stop()
+    slurm_cluster.stop(conf.parent)
 
 
 def _sbatch(env, cwd: Path, *args) -> str:
@@ -152,8 +155,8 @@ def test_two_node_job_sees_both_nodes_and_its_gpus(cluster, tmp_path):
     lines = sorted(line for line in _read(log).splitlines() if line.startswith("task"))
     assert lines == ["task 0 on n1 gpus=2 cuda=0,1", "task 1 on n2 gpus=2 cuda=0,1"], _read(log)
     # Starting a running cluster again changes nothing.
-    slurm_cluster.start()
-    assert slurm_cluster.is_running()
+    assert slurm_cluster.start() == Path(cluster["SLURM_CONF"])
+    assert slurm_cluster.is_running(Path(cluster["SLURM_CONF"]).parent)
 
 
 @pytest.mark.slow
@@ -357,12 +360,95 @@ def test_submitit_wait_survives_a_timeout_signal_and_matches_the_uninterrupted_r
 
 @pytest.mark.slow
 def test_stop_ends_every_daemon_and_removes_the_state(cluster):
-    state = slurm_cluster.DEFAULT_STATE
+    state = Path(cluster["SLURM_CONF"]).parent
     pids = [slurm_cluster._pid(p) for p in slurm_cluster._pidfiles(state)]
     assert all(pids)
-    slurm_cluster.stop()
+    slurm_cluster.stop(state)
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
     assert not state.exists()
     assert slurm_cluster.HOSTS_MARK not in Path("/etc/hosts").read_text()
+
+
+# --- the cluster's state directory and munge key --------------------------------------------------------------
+# Placed after the stop test: these start clusters of their own on the same ports.
+
+NOBODY = 65534
+
+
+@pytest.fixture
+def own_cluster_starts():
+    """For tests that start clusters themselves: no cluster of ours running before, none left after."""
+    reason = slurm_cluster.unavailable_reason()
+    if reason:
+        pytest.skip(f"SLURM test cluster cannot start here: {reason}")
+    for state in slurm_cluster.own_states():
+        slurm_cluster.stop(state)
+    started: list[Path] = []
+    yield started
+    for state in started:
+        slurm_cluster.stop(state)
+
+
+def _key(state: Path) -> bytes:
+    return (state / "munge" / "munge.key").read_bytes()
+
+
+def test_a_state_directory_others_could_write_is_refused(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path)
+    assert "writable by others (mode 0777)" in slurm_cluster.untrusted_reason(shared)
+    assert "is not a directory" in slurm_cluster.untrusted_reason(link)
+    assert slurm_cluster.untrusted_reason(tmp_path) is None and slurm_cluster.untrusted_reason(tmp_path / "new") is None
+
+
+@pytest.mark.slow
+def test_a_planted_state_directory_is_neither_used_nor_trusted(own_cluster_starts, tmp_path, capsys):
+    # What a local user could leave where the cluster used to live: their own directory with a munge key they
+    # know and a pid file naming a process of the victim's; named like the tool's own temporary directories.
+    planted = Path(tempfile.gettempdir(), f"{slurm_cluster.STATE_PREFIX}planted-{os.getpid()}")
+    (planted / "munge").mkdir(parents=True)
+    (planted / "munge" / "munge.key").write_bytes(b"k" * 1024)
+    victim = subprocess.Popen(["sleep", "300"])
+    try:
+        (planted / "slurmctld.pid").write_text(f"{victim.pid}\n")
+        for path in (planted, planted / "munge", planted / "munge" / "munge.key", planted / "slurmctld.pid"):
+            os.chown(path, NOBODY, NOBODY)
+        with pytest.raises(slurm_cluster.ClusterError, match=f"owned by uid {NOBODY}, not by this user"):
+            slurm_cluster.start(planted)
+        assert slurm_cluster.main(["stop", "--state-dir", str(planted)]) == 1
+        assert capsys.readouterr().err.count("\n") == 1
+        conf = slurm_cluster.start()  # finds no cluster of its own: a fresh private directory
+        state = conf.parent
+        own_cluster_starts.append(state)
+        assert state != planted and slurm_cluster.is_running(state)
+        assert stat.S_IMODE(state.stat().st_mode) == 0o700 and state.stat().st_uid == os.geteuid()
+        assert stat.S_IMODE((state / "munge" / "munge.key").stat().st_mode) == 0o400
+        assert _key(state) != b"k" * 1024
+        assert slurm_cluster.own_states() == [state] and slurm_cluster.main(["stop"]) == 0
+        assert victim.poll() is None and _key(planted) == b"k" * 1024
+    finally:
+        victim.kill()
+        victim.wait()
+        shutil.rmtree(planted)
+
+
+@pytest.mark.slow
+def test_every_start_writes_a_fresh_munge_key_never_the_one_found(own_cluster_starts, tmp_path):
+    state = tmp_path / "state"
+    (state / "munge").mkdir(parents=True)
+    state.chmod(0o700)
+    (state / "munge" / "munge.key").write_bytes(b"k" * 1024)  # left by an earlier cluster, or put there
+    keys = []
+    for _ in range(2):
+        conf = slurm_cluster.start(state)
+        own_cluster_starts.append(state)
+        assert conf == state / "slurm.conf" and slurm_cluster.is_running(state)
+        assert stat.S_IMODE(state.stat().st_mode) == 0o700
+        keys.append(_key(state))
+        slurm_cluster.stop(state)
+    assert b"k" * 1024 not in keys and keys[0] != keys[1]
