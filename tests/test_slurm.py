@@ -8,6 +8,7 @@ launcher's own checks (config, requeue decision) are not.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import pickle
 import shutil
@@ -279,6 +280,121 @@ def test_a_job_whose_training_raises_fails_visibly_and_is_not_requeued(cluster, 
     text = _read(log)
     assert info["JobState"] == "FAILED" and info["ExitCode"] != "0:0" and info["Restarts"] == "0", text
     assert "NotADirectoryError" in text or "FileExistsError" in text, text
+
+
+# --- numbers and quoting in the scripts ----------------------------------------------------------------------
+
+SHARD_SH = str(REPO / "slurm" / "shard.sh")
+INJECTION = "a[$(touch PWNED)]"  # bash arithmetic on this runs the command
+# Every word a shell could mangle: spaces, both quotes, a backslash, $, a backtick, a newline, an empty word.
+AWKWARD = ["it's a \"dir\"", "$(touch PWNED) `x` $HOME \\n", "line\nbreak", ""]
+# Writes the arguments it was started with to $DUMP/<SLURM_JOB_ID or task>.json.
+DUMP_ARGV = """\
+import json, os, sys
+name = os.environ.get("SLURM_ARRAY_TASK_ID") or ("merge" if "--merge" in sys.argv else "run")
+with open(os.path.join(os.environ["DUMP"], name + ".json"), "w") as f:
+    json.dump(sys.argv[1:], f)
+"""
+
+
+def _fake_commands(folder: Path, **scripts: str) -> dict[str, str]:
+    """An environment whose PATH finds the given shell scripts first (for sbatch, srun, scontrol)."""
+    folder.mkdir()
+    for name, body in scripts.items():
+        (folder / name).write_text("#!/bin/sh\n" + body)
+        (folder / name).chmod(0o755)
+    return {**os.environ, "PATH": f"{folder}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+
+
+def _dump_python(folder: Path) -> Path:
+    """A stand-in for python at a path with a space and a quote, that records its arguments."""
+    folder.mkdir(parents=True)
+    script = folder / "python"
+    script.write_text(f"#!{sys.executable}\n{DUMP_ARGV}")
+    script.chmod(0o755)
+    return script
+
+
+@pytest.mark.parametrize("var, value", [("NUM_TASKS", INJECTION), ("NUM_TASKS", "0"), ("NUM_TASKS", "4x"),
+                                        ("NUM_TASKS", "-2"), ("CPUS", INJECTION), ("CPUS", "2.5")])
+def test_shard_sh_refuses_numbers_that_are_not_positive_integers_and_runs_nothing(tmp_path, var, value):
+    env = _fake_commands(tmp_path / "bin", sbatch="touch CALLED\necho 1\n")
+    out = subprocess.run(["bash", SHARD_SH, "root", "out"], env={**env, var: value}, cwd=tmp_path,
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr == f"shard.sh: {var} must be a positive integer (at most 999999), " \
+                                                 f"not '{value}'\n", out.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bin"]  # no PWNED, no CALLED, no logs/
+
+
+def test_shard_sh_hands_awkward_arguments_to_the_task_unchanged(tmp_path):
+    # The fake sbatch keeps each --wrap command; /bin/sh then runs it as SLURM's batch script would.
+    env = _fake_commands(tmp_path / "bin", sbatch='for a; do case $a in --wrap=*) printf %s "${a#--wrap=}" '
+                                                   '> "wrap$#";; esac; done\necho $#\n')
+    python = _dump_python(tmp_path / "my 'python'")
+    root, out_dir = str(tmp_path / AWKWARD[0]), str(tmp_path / "out dir")
+    run = subprocess.run(["bash", SHARD_SH, root, out_dir, "--clip-pretrained", *AWKWARD], cwd=tmp_path,
+                         env={**env, "PYTHON": str(python), "NUM_TASKS": "3", "CPUS": "2"},
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    (dump := tmp_path / "dump").mkdir()
+    for wrap in sorted(tmp_path.glob("wrap*")):
+        task = subprocess.run(["/bin/sh", "-c", wrap.read_text()], cwd=tmp_path, capture_output=True, text=True,
+                              env={**env, "DUMP": str(dump), "SLURM_ARRAY_TASK_ID": "2" if "--merge" not in
+                                   wrap.read_text() else ""})
+        assert task.returncode == 0, task.stderr
+    shard = REPO / "tools" / "make_shards.py"
+    assert json.loads((dump / "2.json").read_text()) == [
+        str(shard), "--root", root, "--out", out_dir, "--workers", "2", "--num-tasks", "3", "--no-progress",
+        "--clip-pretrained", *AWKWARD, "--task-index", "2"]
+    assert json.loads((dump / "merge.json").read_text()) == [str(shard), "--merge", out_dir]
+    assert not (tmp_path / "PWNED").exists()
+
+
+@pytest.mark.slow
+def test_shard_sh_array_tasks_on_the_cluster_get_the_arguments_unchanged(cluster, tmp_path):
+    python = _dump_python(tmp_path / "my 'python'")
+    (dump := tmp_path / "dump").mkdir()
+    out_dir = str(tmp_path / "out \"dir\"")
+    run = subprocess.run(["bash", SHARD_SH, "/data/celeba root", out_dir, *AWKWARD], cwd=tmp_path,
+                         env={**cluster, "PYTHON": str(python), "NUM_TASKS": "2", "CPUS": "1", "DUMP": str(dump)},
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    merge = run.stdout.split()[-4].rstrip(";")  # "submitted array A (2 tasks) and merge job M; logs in logs"
+    info = _wait(cluster, merge, tmp_path / "logs" / f"merge-{merge}.out")
+    assert info["JobState"] == "COMPLETED", run.stdout
+    shard = str(REPO / "tools" / "make_shards.py")
+    for task in (0, 1):
+        assert json.loads((dump / f"{task}.json").read_text()) == [
+            shard, "--root", "/data/celeba root", "--out", out_dir, "--workers", "1", "--num-tasks", "2",
+            "--no-progress", *AWKWARD, "--task-index", str(task)]
+    assert json.loads((dump / "merge.json").read_text()) == [shard, "--merge", out_dir]
+    assert not (tmp_path / "PWNED").exists()
+
+
+@pytest.mark.parametrize("var", ["SLURM_JOB_ID", "SLURM_RESTART_COUNT", "DDPDIFF_MAX_RESTARTS"])
+def test_train_sh_refuses_environment_numbers_that_are_not_integers(tmp_path, var):
+    env = _fake_commands(tmp_path / "bin", srun="exit 0\n", scontrol="echo n1\n")
+    env.update(SLURM_JOB_ID="7", SLURM_JOB_NODELIST="n1", SLURM_NNODES="1")
+    out = subprocess.run(["bash", TRAIN_SH, "--config", SMOKE, "--run.dir", tmp_path / "run"], env={**env, var: INJECTION},
+                         cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert out.stderr == f"train.sh: {var} must be a non-negative integer, not '{INJECTION}'\n"
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_train_sh_reads_only_checkpoint_names_it_knows_as_steps(tmp_path):
+    ckpts = tmp_path / "run" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    for name in ("step_00000004.pt", "step_0+a[$(touch PWNED)].pt"):
+        (ckpts / name).write_bytes(b"")
+        (ckpts / f"{name}.sha256").write_text("")
+    # srun stands in for the training; without USR1 the script reports its status and ends.
+    env = _fake_commands(tmp_path / "bin", srun="exit 0\n", scontrol="echo n1\n")
+    out = subprocess.run(["bash", TRAIN_SH, "--config", SMOKE, "--run.dir", tmp_path / "run"], cwd=tmp_path,
+                         env={**env, "SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n1", "SLURM_NNODES": "1"},
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "(newest checkpoint step 4)" in out.stdout and not (tmp_path / "PWNED").exists(), out.stdout
 
 
 # --- jobs/submit.py -----------------------------------------------------------------------------------------
