@@ -217,16 +217,21 @@ def test_a_second_sbatch_of_the_same_command_resumes_where_the_first_ended(clust
 
 @pytest.mark.slow
 def test_usr1_checkpoints_requeues_and_resumes_to_the_uninterrupted_result(cluster, shards_dir, reference, tmp_path):
+    # With loader workers: SLURM's signals reach them too, and they must leave the stop to their rank.
     job = _sbatch(cluster, tmp_path, "--nodes=2", "--gpus-per-node=2", TRAIN_SH,
-                  *_train_args(shards_dir, "--run.dir", tmp_path / "run"))
+                  *_train_args(shards_dir, "--run.dir", tmp_path / "run", "--data.workers", 2))
     log = tmp_path / "logs" / f"ddpdiff-train-{job}.out"
-    _wait_for(log, "step 2 ")
+    _wait_for(log, "step 2 ", timeout_s=300)  # 8 workers import torch first
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=cluster, check=True)
-    info = _wait(cluster, job, log)
+    info = _wait(cluster, job, log, timeout_s=600)
     text = _read(log)
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and int(info["Restarts"]) >= 1, text
-    assert "stopped by signal SIGTERM" in text and "requeueing job" in text, text
-    assert "SLURM_RESTART_COUNT=1" in text and "resumed from" in text, text
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "1", text
+    # One stop at one agreed step, one requeue, and the second start resumes from exactly that checkpoint.
+    stops = [line for line in text.splitlines() if line.startswith("stopped by signal")]
+    assert len(stops) == 1 and stops[0].startswith("stopped by signal SIGTERM at step "), text
+    step = int(stops[0].split(" at step ")[1].split(";")[0])
+    assert text.count("requeueing job") == 1 and "SLURM_RESTART_COUNT=1" in text, text
+    assert f"resumed from {tmp_path / 'run'}/checkpoints/step_{step:08d}.pt" in text, text
     _assert_same(_final_model(tmp_path / "run"), _final_model(_reference_run(reference)))
 
 
@@ -472,6 +477,31 @@ def test_submitit_wait_survives_a_timeout_signal_and_matches_the_uninterrupted_r
         rank_log = _read(logs / f"{job}_{task}_log.out")
         assert rank_log.count("Job completed successfully") == 1, rank_log
     _assert_same(_final_model(tmp_path / "runs" / "smoke"), _final_model(_reference_run(reference)))
+
+
+def test_submitit_time_out_limit_defaults_to_max_restarts():
+    assert submit.parse(["--max-restarts", "7"])[0].max_num_timeout == 7
+    assert submit.parse(["--max-restarts", "7", "--max-num-timeout", "2"])[0].max_num_timeout == 2
+
+
+@pytest.mark.slow
+def test_submitit_does_not_requeue_after_more_time_outs_than_max_num_timeout(cluster, shards_dir, tmp_path):
+    # --max-restarts would allow a requeue; submitit's own count of time-outs (here 0 allowed) ends the job.
+    cmd = [sys.executable, SUBMIT, "--nodes", "1", "--gpus-per-node", "1", "--cpus-per-task", "2",
+           "--partition", "debug", "--time", "10", "--max-restarts", "5", "--max-num-timeout", "0",
+           *map(str, _train_args(shards_dir, "--run.dir", tmp_path / "run"))]
+    out = subprocess.run(cmd, env=cluster, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.startswith("submitted job "), out.stdout + out.stderr
+    job = out.stdout.split()[2].rstrip(";")
+    logs = tmp_path / "logs" / "submitit" / job
+    _wait_for(logs / f"{job}_0_log.out", "step 2 ")
+    # Within 10 minutes of --time, so submitit counts it as a time-out (what its --signal=USR2@300 sends).
+    subprocess.run(["scancel", "--signal=USR2", job], env=cluster, check=True)
+    info = _wait(cluster, job, logs / f"{job}_0_log.out")
+    text = _read(logs / f"{job}_0_log.out") + _read(logs / f"{job}_0_log.err")
+    assert info["Restarts"] == "0" and info["JobState"] != "COMPLETED", text
+    assert "this job is timed-out" in text and "Job not requeued because: timed-out too many times" in text, text
+    assert "stopped by signal SIGTERM at step" in text and _complete_steps(tmp_path / "run"), text
 
 
 @pytest.mark.slow
