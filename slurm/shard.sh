@@ -21,13 +21,28 @@ PYTHON=${PYTHON:-$REPO/.venv/bin/python}
 NUM_TASKS=${NUM_TASKS:-8}
 CPUS=${CPUS:-16}
 LOGS=${LOGS:-logs}
-mkdir -p "$LOGS"
 
+# Checked before any use: bash arithmetic would run code in a value like 'a[$(cmd)]' and read garbage as 0.
+for var in NUM_TASKS CPUS; do
+    if ! [[ ${!var} =~ ^[1-9][0-9]{0,5}$ ]]; then
+        echo "shard.sh: $var must be a positive integer (at most 999999), not '${!var}'" >&2
+        exit 2
+    fi
+done
+
+# The words quoted for /bin/sh, which runs sbatch --wrap: each in single quotes, a quote inside as '\''.
+sh_words() {
+    local word quoted=()
+    for word; do quoted+=("'${word//\'/\'\\\'\'}'"); done
+    echo "${quoted[*]}"
+}
+
+mkdir -p "$LOGS"
 task=$(sbatch --parsable --job-name=ddpdiff-shard --array=0-$((NUM_TASKS - 1)) \
     --cpus-per-task="$CPUS" --gres=gpu:1 --mem=32G --time=04:00:00 --output="$LOGS/shard-%A_%a.out" \
-    --wrap="$(printf '%q ' "$PYTHON" "$REPO/tools/make_shards.py" --root "$ROOT" --out "$OUT" \
-        --workers "$CPUS" --num-tasks "$NUM_TASKS" --no-progress "$@")"' --task-index "$SLURM_ARRAY_TASK_ID"')
+    --wrap="$(sh_words "$PYTHON" "$REPO/tools/make_shards.py" --root "$ROOT" --out "$OUT" \
+        --workers "$CPUS" --num-tasks "$NUM_TASKS" --no-progress "$@") --task-index \"\$SLURM_ARRAY_TASK_ID\"")
 merge=$(sbatch --parsable --job-name=ddpdiff-shard-merge --dependency=afterok:"$task" \
     --cpus-per-task=1 --mem=4G --time=00:15:00 --output="$LOGS/merge-%j.out" \
-    --wrap="$(printf '%q ' "$PYTHON" "$REPO/tools/make_shards.py" --merge "$OUT")")
+    --wrap="$(sh_words "$PYTHON" "$REPO/tools/make_shards.py" --merge "$OUT")")
 echo "submitted array $task ($NUM_TASKS tasks) and merge job $merge; logs in $LOGS"

@@ -29,6 +29,15 @@
 
 set -uo pipefail
 
+# Numbers from the environment, checked before any use: bash arithmetic would run code in a value like
+# 'a[$(cmd)]', and `[ -ge ]` on garbage fails, which would requeue without limit.
+for var in SLURM_JOB_ID SLURM_RESTART_COUNT DDPDIFF_MAX_RESTARTS; do
+    if [ -n "${!var+set}" ] && ! [[ ${!var} =~ ^[0-9]{1,9}$ ]]; then
+        echo "train.sh: $var must be a non-negative integer, not '${!var}'" >&2
+        exit 2
+    fi
+done
+
 if ! command -v torchrun >/dev/null; then
     echo "train.sh: torchrun is not on PATH; activate the virtual environment before sbatch" >&2
     exit 2
@@ -59,7 +68,9 @@ newest_step() {
     for sum in "$run_dir"/checkpoints/step_[0-9]*.pt.sha256; do
         [ -f "${sum%.sha256}" ] || continue
         step=${sum##*/step_}
-        step=$((10#${step%.pt.sha256}))
+        step=${step%.pt.sha256}
+        [[ $step =~ ^[0-9]+$ ]] || continue  # only the names checkpoint writes: no arithmetic on others
+        step=$((10#$step))
     done
     echo "$step"
 }

@@ -8,11 +8,15 @@ launcher's own checks (config, requeue decision) are not.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import pickle
+import shutil
 import signal
+import stat
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -53,7 +57,7 @@ def cluster():
     env = {**os.environ, "SLURM_CONF": str(conf),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     yield env
-    slurm_cluster.stop()
+    slurm_cluster.stop(conf.parent)
 
 
 def _sbatch(env, cwd: Path, *args) -> str:
@@ -152,8 +156,8 @@ def test_two_node_job_sees_both_nodes_and_its_gpus(cluster, tmp_path):
     lines = sorted(line for line in _read(log).splitlines() if line.startswith("task"))
     assert lines == ["task 0 on n1 gpus=2 cuda=0,1", "task 1 on n2 gpus=2 cuda=0,1"], _read(log)
     # Starting a running cluster again changes nothing.
-    slurm_cluster.start()
-    assert slurm_cluster.is_running()
+    assert slurm_cluster.start() == Path(cluster["SLURM_CONF"])
+    assert slurm_cluster.is_running(Path(cluster["SLURM_CONF"]).parent)
 
 
 @pytest.mark.slow
@@ -213,16 +217,21 @@ def test_a_second_sbatch_of_the_same_command_resumes_where_the_first_ended(clust
 
 @pytest.mark.slow
 def test_usr1_checkpoints_requeues_and_resumes_to_the_uninterrupted_result(cluster, shards_dir, reference, tmp_path):
+    # With loader workers: SLURM's signals reach them too, and they must leave the stop to their rank.
     job = _sbatch(cluster, tmp_path, "--nodes=2", "--gpus-per-node=2", TRAIN_SH,
-                  *_train_args(shards_dir, "--run.dir", tmp_path / "run"))
+                  *_train_args(shards_dir, "--run.dir", tmp_path / "run", "--data.workers", 2))
     log = tmp_path / "logs" / f"ddpdiff-train-{job}.out"
-    _wait_for(log, "step 2 ")
+    _wait_for(log, "step 2 ", timeout_s=300)  # 8 workers import torch first
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=cluster, check=True)
-    info = _wait(cluster, job, log)
+    info = _wait(cluster, job, log, timeout_s=600)
     text = _read(log)
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and int(info["Restarts"]) >= 1, text
-    assert "stopped by signal SIGTERM" in text and "requeueing job" in text, text
-    assert "SLURM_RESTART_COUNT=1" in text and "resumed from" in text, text
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "1", text
+    # One stop at one agreed step, one requeue, and the second start resumes from exactly that checkpoint.
+    stops = [line for line in text.splitlines() if line.startswith("stopped by signal")]
+    assert len(stops) == 1 and stops[0].startswith("stopped by signal SIGTERM at step "), text
+    step = int(stops[0].split(" at step ")[1].split(";")[0])
+    assert text.count("requeueing job") == 1 and "SLURM_RESTART_COUNT=1" in text, text
+    assert f"resumed from {tmp_path / 'run'}/checkpoints/step_{step:08d}.pt" in text, text
     _assert_same(_final_model(tmp_path / "run"), _final_model(_reference_run(reference)))
 
 
@@ -276,6 +285,121 @@ def test_a_job_whose_training_raises_fails_visibly_and_is_not_requeued(cluster, 
     text = _read(log)
     assert info["JobState"] == "FAILED" and info["ExitCode"] != "0:0" and info["Restarts"] == "0", text
     assert "NotADirectoryError" in text or "FileExistsError" in text, text
+
+
+# --- numbers and quoting in the scripts ----------------------------------------------------------------------
+
+SHARD_SH = str(REPO / "slurm" / "shard.sh")
+INJECTION = "a[$(touch PWNED)]"  # bash arithmetic on this runs the command
+# Every word a shell could mangle: spaces, both quotes, a backslash, $, a backtick, a newline, an empty word.
+AWKWARD = ["it's a \"dir\"", "$(touch PWNED) `x` $HOME \\n", "line\nbreak", ""]
+# Writes the arguments it was started with to $DUMP/<SLURM_JOB_ID or task>.json.
+DUMP_ARGV = """\
+import json, os, sys
+name = os.environ.get("SLURM_ARRAY_TASK_ID") or ("merge" if "--merge" in sys.argv else "run")
+with open(os.path.join(os.environ["DUMP"], name + ".json"), "w") as f:
+    json.dump(sys.argv[1:], f)
+"""
+
+
+def _fake_commands(folder: Path, **scripts: str) -> dict[str, str]:
+    """An environment whose PATH finds the given shell scripts first (for sbatch, srun, scontrol)."""
+    folder.mkdir()
+    for name, body in scripts.items():
+        (folder / name).write_text("#!/bin/sh\n" + body)
+        (folder / name).chmod(0o755)
+    return {**os.environ, "PATH": f"{folder}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+
+
+def _dump_python(folder: Path) -> Path:
+    """A stand-in for python at a path with a space and a quote, that records its arguments."""
+    folder.mkdir(parents=True)
+    script = folder / "python"
+    script.write_text(f"#!{sys.executable}\n{DUMP_ARGV}")
+    script.chmod(0o755)
+    return script
+
+
+@pytest.mark.parametrize("var, value", [("NUM_TASKS", INJECTION), ("NUM_TASKS", "0"), ("NUM_TASKS", "4x"),
+                                        ("NUM_TASKS", "-2"), ("CPUS", INJECTION), ("CPUS", "2.5")])
+def test_shard_sh_refuses_numbers_that_are_not_positive_integers_and_runs_nothing(tmp_path, var, value):
+    env = _fake_commands(tmp_path / "bin", sbatch="touch CALLED\necho 1\n")
+    out = subprocess.run(["bash", SHARD_SH, "root", "out"], env={**env, var: value}, cwd=tmp_path,
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr == f"shard.sh: {var} must be a positive integer (at most 999999), " \
+                                                 f"not '{value}'\n", out.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bin"]  # no PWNED, no CALLED, no logs/
+
+
+def test_shard_sh_hands_awkward_arguments_to_the_task_unchanged(tmp_path):
+    # The fake sbatch keeps each --wrap command; /bin/sh then runs it as SLURM's batch script would.
+    env = _fake_commands(tmp_path / "bin", sbatch='for a; do case $a in --wrap=*) printf %s "${a#--wrap=}" '
+                                                   '> "wrap$#";; esac; done\necho $#\n')
+    python = _dump_python(tmp_path / "my 'python'")
+    root, out_dir = str(tmp_path / AWKWARD[0]), str(tmp_path / "out dir")
+    run = subprocess.run(["bash", SHARD_SH, root, out_dir, "--clip-pretrained", *AWKWARD], cwd=tmp_path,
+                         env={**env, "PYTHON": str(python), "NUM_TASKS": "3", "CPUS": "2"},
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    (dump := tmp_path / "dump").mkdir()
+    for wrap in sorted(tmp_path.glob("wrap*")):
+        task = subprocess.run(["/bin/sh", "-c", wrap.read_text()], cwd=tmp_path, capture_output=True, text=True,
+                              env={**env, "DUMP": str(dump), "SLURM_ARRAY_TASK_ID": "2" if "--merge" not in
+                                   wrap.read_text() else ""})
+        assert task.returncode == 0, task.stderr
+    shard = REPO / "tools" / "make_shards.py"
+    assert json.loads((dump / "2.json").read_text()) == [
+        str(shard), "--root", root, "--out", out_dir, "--workers", "2", "--num-tasks", "3", "--no-progress",
+        "--clip-pretrained", *AWKWARD, "--task-index", "2"]
+    assert json.loads((dump / "merge.json").read_text()) == [str(shard), "--merge", out_dir]
+    assert not (tmp_path / "PWNED").exists()
+
+
+@pytest.mark.slow
+def test_shard_sh_array_tasks_on_the_cluster_get_the_arguments_unchanged(cluster, tmp_path):
+    python = _dump_python(tmp_path / "my 'python'")
+    (dump := tmp_path / "dump").mkdir()
+    out_dir = str(tmp_path / "out \"dir\"")
+    run = subprocess.run(["bash", SHARD_SH, "/data/celeba root", out_dir, *AWKWARD], cwd=tmp_path,
+                         env={**cluster, "PYTHON": str(python), "NUM_TASKS": "2", "CPUS": "1", "DUMP": str(dump)},
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    merge = run.stdout.split()[-4].rstrip(";")  # "submitted array A (2 tasks) and merge job M; logs in logs"
+    info = _wait(cluster, merge, tmp_path / "logs" / f"merge-{merge}.out")
+    assert info["JobState"] == "COMPLETED", run.stdout
+    shard = str(REPO / "tools" / "make_shards.py")
+    for task in (0, 1):
+        assert json.loads((dump / f"{task}.json").read_text()) == [
+            shard, "--root", "/data/celeba root", "--out", out_dir, "--workers", "1", "--num-tasks", "2",
+            "--no-progress", *AWKWARD, "--task-index", str(task)]
+    assert json.loads((dump / "merge.json").read_text()) == [shard, "--merge", out_dir]
+    assert not (tmp_path / "PWNED").exists()
+
+
+@pytest.mark.parametrize("var", ["SLURM_JOB_ID", "SLURM_RESTART_COUNT", "DDPDIFF_MAX_RESTARTS"])
+def test_train_sh_refuses_environment_numbers_that_are_not_integers(tmp_path, var):
+    env = _fake_commands(tmp_path / "bin", srun="exit 0\n", scontrol="echo n1\n")
+    env.update(SLURM_JOB_ID="7", SLURM_JOB_NODELIST="n1", SLURM_NNODES="1")
+    out = subprocess.run(["bash", TRAIN_SH, "--config", SMOKE, "--run.dir", tmp_path / "run"], env={**env, var: INJECTION},
+                         cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert out.stderr == f"train.sh: {var} must be a non-negative integer, not '{INJECTION}'\n"
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_train_sh_reads_only_checkpoint_names_it_knows_as_steps(tmp_path):
+    ckpts = tmp_path / "run" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    for name in ("step_00000004.pt", "step_0+a[$(touch PWNED)].pt"):
+        (ckpts / name).write_bytes(b"")
+        (ckpts / f"{name}.sha256").write_text("")
+    # srun stands in for the training; without USR1 the script reports its status and ends.
+    env = _fake_commands(tmp_path / "bin", srun="exit 0\n", scontrol="echo n1\n")
+    out = subprocess.run(["bash", TRAIN_SH, "--config", SMOKE, "--run.dir", tmp_path / "run"], cwd=tmp_path,
+                         env={**env, "SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n1", "SLURM_NNODES": "1"},
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "(newest checkpoint step 4)" in out.stdout and not (tmp_path / "PWNED").exists(), out.stdout
 
 
 # --- jobs/submit.py -----------------------------------------------------------------------------------------
@@ -355,14 +479,122 @@ def test_submitit_wait_survives_a_timeout_signal_and_matches_the_uninterrupted_r
     _assert_same(_final_model(tmp_path / "runs" / "smoke"), _final_model(_reference_run(reference)))
 
 
+def test_submitit_time_out_limit_defaults_to_max_restarts():
+    assert submit.parse(["--max-restarts", "7"])[0].max_num_timeout == 7
+    assert submit.parse(["--max-restarts", "7", "--max-num-timeout", "2"])[0].max_num_timeout == 2
+
+
+@pytest.mark.slow
+def test_submitit_does_not_requeue_after_more_time_outs_than_max_num_timeout(cluster, shards_dir, tmp_path):
+    # --max-restarts would allow a requeue; submitit's own count of time-outs (here 0 allowed) ends the job.
+    cmd = [sys.executable, SUBMIT, "--nodes", "1", "--gpus-per-node", "1", "--cpus-per-task", "2",
+           "--partition", "debug", "--time", "10", "--max-restarts", "5", "--max-num-timeout", "0",
+           *map(str, _train_args(shards_dir, "--run.dir", tmp_path / "run"))]
+    out = subprocess.run(cmd, env=cluster, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.startswith("submitted job "), out.stdout + out.stderr
+    job = out.stdout.split()[2].rstrip(";")
+    logs = tmp_path / "logs" / "submitit" / job
+    _wait_for(logs / f"{job}_0_log.out", "step 2 ")
+    # Within 10 minutes of --time, so submitit counts it as a time-out (what its --signal=USR2@300 sends).
+    subprocess.run(["scancel", "--signal=USR2", job], env=cluster, check=True)
+    info = _wait(cluster, job, logs / f"{job}_0_log.out")
+    text = _read(logs / f"{job}_0_log.out") + _read(logs / f"{job}_0_log.err")
+    assert info["Restarts"] == "0" and info["JobState"] != "COMPLETED", text
+    assert "this job is timed-out" in text and "Job not requeued because: timed-out too many times" in text, text
+    assert "stopped by signal SIGTERM at step" in text and _complete_steps(tmp_path / "run"), text
+
+
 @pytest.mark.slow
 def test_stop_ends_every_daemon_and_removes_the_state(cluster):
-    state = slurm_cluster.DEFAULT_STATE
+    state = Path(cluster["SLURM_CONF"]).parent
     pids = [slurm_cluster._pid(p) for p in slurm_cluster._pidfiles(state)]
     assert all(pids)
-    slurm_cluster.stop()
+    slurm_cluster.stop(state)
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
     assert not state.exists()
     assert slurm_cluster.HOSTS_MARK not in Path("/etc/hosts").read_text()
+
+
+# --- the cluster's state directory and munge key --------------------------------------------------------------
+# Placed after the stop test: these start clusters of their own on the same ports.
+
+NOBODY = 65534
+
+
+@pytest.fixture
+def own_cluster_starts():
+    """For tests that start clusters themselves: no cluster of ours running before, none left after."""
+    reason = slurm_cluster.unavailable_reason()
+    if reason:
+        pytest.skip(f"SLURM test cluster cannot start here: {reason}")
+    for state in slurm_cluster.own_states():
+        slurm_cluster.stop(state)
+    started: list[Path] = []
+    yield started
+    for state in started:
+        slurm_cluster.stop(state)
+
+
+def _key(state: Path) -> bytes:
+    return (state / "munge" / "munge.key").read_bytes()
+
+
+def test_a_state_directory_others_could_write_is_refused(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path)
+    assert "writable by others (mode 0777)" in slurm_cluster.untrusted_reason(shared)
+    assert "is not a directory" in slurm_cluster.untrusted_reason(link)
+    assert slurm_cluster.untrusted_reason(tmp_path) is None and slurm_cluster.untrusted_reason(tmp_path / "new") is None
+
+
+@pytest.mark.slow
+def test_a_planted_state_directory_is_neither_used_nor_trusted(own_cluster_starts, tmp_path, capsys):
+    # What a local user could leave where the cluster used to live: their own directory with a munge key they
+    # know and a pid file naming a process of the victim's; named like the tool's own temporary directories.
+    planted = Path(tempfile.gettempdir(), f"{slurm_cluster.STATE_PREFIX}planted-{os.getpid()}")
+    (planted / "munge").mkdir(parents=True)
+    (planted / "munge" / "munge.key").write_bytes(b"k" * 1024)
+    victim = subprocess.Popen(["sleep", "300"])
+    try:
+        (planted / "slurmctld.pid").write_text(f"{victim.pid}\n")
+        for path in (planted, planted / "munge", planted / "munge" / "munge.key", planted / "slurmctld.pid"):
+            os.chown(path, NOBODY, NOBODY)
+        with pytest.raises(slurm_cluster.ClusterError, match=f"owned by uid {NOBODY}, not by this user"):
+            slurm_cluster.start(planted)
+        assert slurm_cluster.main(["stop", "--state-dir", str(planted)]) == 1
+        assert capsys.readouterr().err.count("\n") == 1
+        conf = slurm_cluster.start()  # finds no cluster of its own: a fresh private directory
+        state = conf.parent
+        own_cluster_starts.append(state)
+        assert state != planted and slurm_cluster.is_running(state)
+        assert stat.S_IMODE(state.stat().st_mode) == 0o700 and state.stat().st_uid == os.geteuid()
+        assert stat.S_IMODE((state / "munge" / "munge.key").stat().st_mode) == 0o400
+        assert _key(state) != b"k" * 1024
+        assert slurm_cluster.own_states() == [state] and slurm_cluster.main(["stop"]) == 0
+        assert victim.poll() is None and _key(planted) == b"k" * 1024
+    finally:
+        victim.kill()
+        victim.wait()
+        shutil.rmtree(planted)
+
+
+@pytest.mark.slow
+def test_every_start_writes_a_fresh_munge_key_never_the_one_found(own_cluster_starts, tmp_path):
+    state = tmp_path / "state"
+    (state / "munge").mkdir(parents=True)
+    state.chmod(0o700)
+    (state / "munge" / "munge.key").write_bytes(b"k" * 1024)  # left by an earlier cluster, or put there
+    keys = []
+    for _ in range(2):
+        conf = slurm_cluster.start(state)
+        own_cluster_starts.append(state)
+        assert conf == state / "slurm.conf" and slurm_cluster.is_running(state)
+        assert stat.S_IMODE(state.stat().st_mode) == 0o700
+        keys.append(_key(state))
+        slurm_cluster.stop(state)
+    assert b"k" * 1024 not in keys and keys[0] != keys[1]
