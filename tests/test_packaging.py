@@ -27,6 +27,7 @@ PIN_REQUIRES_PYTHON = {
     "pytest": ("9.2.0", ">=3.10"),
     "webdataset": ("1.0.2", ">=3.10"),
     "packaging": ("26.4", ">=3.8"),
+    "diffusers": ("0.42.1", ">=3.11.0"),
 }
 
 
