@@ -8,8 +8,8 @@ import subprocess
 
 import pytest
 import torch
-
 from conftest import load_tool
+
 from ddpdiff import config, models
 from ddpdiff.models import DenoiserMeta
 

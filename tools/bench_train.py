@@ -119,7 +119,9 @@ class DiffusersUNet(torch.nn.Module):
     def __init__(self, cfg: ModelConfig, image_size: int, cond_dim: int, token_dim: int, null_tokens: torch.Tensor,
                  timesteps: int):
         super().__init__()
-        from diffusers import UNet2DConditionModel  # the dev extra: only this comparison needs it
+        from diffusers import (
+            UNet2DConditionModel,  # the dev extra: only this comparison needs it
+        )
 
         sizes = [image_size // 2 ** i for i in range(len(cfg.channel_mult))]
         cross = [size in cfg.cross_attn_resolutions for size in sizes]
