@@ -38,16 +38,19 @@ def test_respaced_timesteps_run_from_T_minus_1_to_0_without_repeats():
         respaced(T, T + 1)
 
 
+@pytest.mark.parametrize("sample", [ddim_sample, dpmpp2m_sample])
 @pytest.mark.parametrize("target", sorted(TARGETS))
 @pytest.mark.parametrize("steps", [T, 10, 1])
-def test_deterministic_ddim_with_an_oracle_recovers_x0(target, steps):
+def test_deterministic_samplers_with_an_oracle_recover_x0(sample, target, steps):
+    """DDIM (eta 0) and DPM-Solver++(2M): a perfect denoiser predicts the same x0 at every step, so both are
+    exact (the solver's extrapolation from the previous x0 included)."""
     diff = make(target)
     x0 = clean_images(dtype=torch.float64)
     x_T = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    out = ddim_sample(oracle(diff, x0), diff, x_T, steps=steps, eta=0.0)
+    out = sample(oracle(diff, x0), diff, x_T, steps=steps)
     torch.testing.assert_close(out, x0, atol=1e-9, rtol=0)
     x0, x_T = x0.float(), x_T.float()  # float32: the last step divides by sqrt(ab_T) ~ 5e-4 for eps
-    torch.testing.assert_close(ddim_sample(oracle(diff, x0), diff, x_T, steps=steps), x0, atol=1e-3, rtol=0)
+    torch.testing.assert_close(sample(oracle(diff, x0), diff, x_T, steps=steps), x0, atol=1e-3, rtol=0)
 
 
 def test_deterministic_ddim_keeps_the_oracle_on_one_noise_trajectory():
@@ -249,13 +252,3 @@ def test_dpmpp2m_differs_from_ddim_after_its_first_step():
     assert torch.equal(dpmpp2m_sample(denoise, diff, x_T, steps=1), ddim_sample(denoise, diff, x_T, steps=1))
     assert not torch.allclose(dpmpp2m_sample(denoise, diff, x_T, steps=5), ddim_sample(denoise, diff, x_T, steps=5),
                               atol=1e-3)
-
-
-@pytest.mark.parametrize("target", sorted(TARGETS))
-@pytest.mark.parametrize("steps", [T, 10, 3])
-def test_dpmpp2m_with_an_oracle_recovers_x0(target, steps):
-    """A perfect denoiser predicts the same x0 at every step, so the extrapolation is exact (incl. "prev")."""
-    diff = make(target)
-    x0 = clean_images(dtype=torch.float64)
-    x_T = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    torch.testing.assert_close(dpmpp2m_sample(oracle(diff, x0), diff, x_T, steps=steps), x0, atol=1e-9, rtol=0)
