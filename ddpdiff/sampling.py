@@ -1,6 +1,6 @@
-"""DDPM ancestral, DDIM and DPM-Solver++(2M) samplers over respaced timesteps, classifier-free guidance, and `generate`: images
-from per-image seeds, the one generation path (through `ddpdiff.pipeline.Pipeline`) of the sampling CLI,
-the evaluation and the in-training previews and metrics."""
+"""DDPM ancestral, DDIM and DPM-Solver++(2M) samplers over respaced timesteps, classifier-free guidance, and
+`generate`: images from per-image seeds, the one generation path (through `ddpdiff.pipeline.Pipeline`) of
+the sampling CLI, the evaluation and the in-training previews and metrics."""
 
 from __future__ import annotations
 

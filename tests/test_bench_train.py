@@ -63,7 +63,7 @@ def test_reference_unet_has_our_widths_and_depth():
 def test_bench_train_prints_the_ratio_to_the_diffusers_reference(python, repo):
     out = subprocess.run([python, "tools/bench_train.py", "--config", "jobs/configs/smoke.yaml", "--synthetic",
                           "--dim", "64", "--token-dim", "32", "--steps", "1", "--warmup", "0", "--reference",
-                          "diffusers"], cwd=repo, capture_output=True, text=True)
+                          "diffusers"], cwd=repo, capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     ours, ref = report["results"][0], report["reference"]["results"][0]

@@ -12,9 +12,9 @@ Without `--checkpoint` the networks have random weights of the configs' sizes (s
 weights) and conditions are random CLIP-sized embeddings (512-d, `--tokens` token states). With
 `--checkpoint`, the samples are those `python -m ddpdiff.eval --num NUM --seed 0` makes (val prompts of
 `--data`, default the checkpoint's shards) and `--classifier` adds their attribute accuracy on
-`--attributes`: the table that decides the default sampler. The first batch is a warm-up and not timed. Prints progress and the table
-to stderr and one JSON object to stdout (and `--json`); its top-level sample_* fields are the first
-sampler at the first step count.
+`--attributes`: the table that decides the default sampler. The first batch is a warm-up and not timed.
+Prints progress and the table to stderr and one JSON object to stdout (and `--json`); its top-level
+sample_* fields are the first sampler at the first step count.
 """
 
 from __future__ import annotations

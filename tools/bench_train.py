@@ -215,7 +215,8 @@ def compare(ours: dict, ref: dict) -> dict:
     """Ours / the reference's images/s and achieved TFLOP/s, printed and returned."""
     out = {"grad_checkpointing": ours["grad_checkpointing"]}
     if not ours.get("oom") and not ref.get("oom"):
-        out.update(images_per_s_ratio=ours["images_per_s"] / ref["images_per_s"], tflops_ratio=ours["tflops"] / ref["tflops"])
+        out.update(images_per_s_ratio=ours["images_per_s"] / ref["images_per_s"],
+                   tflops_ratio=ours["tflops"] / ref["tflops"])
         dist.print0(f"  grad_checkpointing={out['grad_checkpointing']}: ours / diffusers: images/s "
                     f"{out['images_per_s_ratio']:.3f}x, TFLOP/s {out['tflops_ratio']:.3f}x", file=sys.stderr)
     return out
