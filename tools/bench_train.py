@@ -2,7 +2,7 @@
 
   python tools/bench_train.py --config jobs/configs/celeba64.yaml [--data.shards DIR | --synthetic] \
       --steps 20 --warmup 5 [--batch N] [--compile] [--grad-checkpointing off|on|both] [--peak-tflops X] \
-      [--json OUT] [--section.field value ...]
+      [--reference diffusers] [--json OUT] [--section.field value ...]
 
 Each step is the training loop's (ddpdiff/loop.py): the batch from the loader, `DiffusionTask.loss` under the
 config's autocast, backward, gradient clipping, the optimizer step (fused Adam on a GPU), the EMA update;
