@@ -34,7 +34,7 @@ from .images import write_png
 from .metrics import METRICS, Evaluator, parse_attributes, parse_metrics, scalars, summary
 from .monitor import Monitor
 from .pipeline import Pipeline
-from .sampling import SAMPLERS
+from .sampling import SAMPLER_HELP, SAMPLERS
 
 
 def evaluate(checkpoint: str | Path, shards: str | Path | None = None, metrics: Iterable[str] | str = METRICS,
@@ -96,7 +96,7 @@ def parser() -> argparse.ArgumentParser:
                    "write --num-samples: torchrun takes --num for its own --numa-binding")
     p.add_argument("--steps", type=int, default=50, help="sampling steps, at most diffusion.timesteps (default 50)")
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (default 3)")
-    p.add_argument("--sampler", choices=sorted(SAMPLERS), default="ddim", help="sampler (default ddim)")
+    p.add_argument("--sampler", choices=sorted(SAMPLERS), default="ddim", help=f"{SAMPLER_HELP} (default ddim)")
     p.add_argument("--classifier", metavar="RUN_DIR|FILE",
                    help="attribute classifier (run, checkpoint or exported file) from python -m "
                         "ddpdiff.train_classifier (needed for attr_acc)")

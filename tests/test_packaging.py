@@ -29,6 +29,7 @@ PIN_REQUIRES_PYTHON = {
     "webdataset": ("1.0.2", ">=3.10"),
     "packaging": ("26.4", ">=3.8"),
     "torch-fidelity": ("0.4.0", ">=3.6"),
+    "diffusers": ("0.42.1", ">=3.11.0"),
 }
 
 

@@ -5,8 +5,8 @@ import torch
 
 from ddpdiff.config import DiffusionConfig
 from ddpdiff.diffusion import TARGETS, Diffusion
-from ddpdiff.sampling import (ddim_sample, ddim_step, ddpm_sample, ddpm_step, gaussian, generate, image_seed,
-                              per_image, respaced)
+from ddpdiff.sampling import (ddim_sample, ddim_step, ddpm_sample, ddpm_step, dpmpp2m_sample, gaussian, generate,
+                              image_seed, per_image, respaced)
 
 T = 100
 
@@ -38,16 +38,19 @@ def test_respaced_timesteps_run_from_T_minus_1_to_0_without_repeats():
         respaced(T, T + 1)
 
 
+@pytest.mark.parametrize("sample", [ddim_sample, dpmpp2m_sample])
 @pytest.mark.parametrize("target", sorted(TARGETS))
 @pytest.mark.parametrize("steps", [T, 10, 1])
-def test_deterministic_ddim_with_an_oracle_recovers_x0(target, steps):
+def test_deterministic_samplers_with_an_oracle_recover_x0(sample, target, steps):
+    """DDIM (eta 0) and DPM-Solver++(2M): a perfect denoiser predicts the same x0 at every step, so both are
+    exact (the solver's extrapolation from the previous x0 included)."""
     diff = make(target)
     x0 = clean_images(dtype=torch.float64)
     x_T = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    out = ddim_sample(oracle(diff, x0), diff, x_T, steps=steps, eta=0.0)
+    out = sample(oracle(diff, x0), diff, x_T, steps=steps)
     torch.testing.assert_close(out, x0, atol=1e-9, rtol=0)
     x0, x_T = x0.float(), x_T.float()  # float32: the last step divides by sqrt(ab_T) ~ 5e-4 for eps
-    torch.testing.assert_close(ddim_sample(oracle(diff, x0), diff, x_T, steps=steps), x0, atol=1e-3, rtol=0)
+    torch.testing.assert_close(sample(oracle(diff, x0), diff, x_T, steps=steps), x0, atol=1e-3, rtol=0)
 
 
 def test_deterministic_ddim_keeps_the_oracle_on_one_noise_trajectory():
@@ -166,7 +169,7 @@ def test_guidance_one_and_zero_take_a_single_plain_forward(guidance, dropped):
     assert all(n == 2 and drop.tolist() == [dropped, dropped] for n, drop in model.calls)
 
 
-@pytest.mark.parametrize("sampler, eta", [("ddpm", 0.0), ("ddim", 0.0), ("ddim", 0.7)])
+@pytest.mark.parametrize("sampler, eta", [("ddpm", 0.0), ("ddim", 0.0), ("ddim", 0.7), ("dpmpp2m", 0.0)])
 def test_the_same_seed_gives_the_same_images(sampler, eta):
     model, diff, cond = RecordingModel(), make(), {"pooled": torch.zeros(2, 3)}
 
@@ -192,3 +195,60 @@ def test_sample_rejects_unknown_samplers_and_eta_for_ddpm():
         generate(model, diff, cond, [0], (3, 4, 4), sampler="euler")
     with pytest.raises(ValueError, match="ddim sampler only"):
         generate(model, diff, cond, [0], (3, 4, 4), sampler="ddpm", eta=0.5)
+
+
+def bounded_denoiser(diff):
+    """A fake network for any target: it claims x0 = tanh(x_t) (1/2 + t/T), nonlinear in x_t and t and bounded,
+    so the samplers' x0 never needs clipping, expressed in the diffusion's target."""
+    def denoise(x_t, t, cond):
+        ab = diff.schedule.alphas_cumprod[t].to(x_t.dtype).view(-1, 1, 1, 1)
+        x0 = torch.tanh(x_t) * (0.5 + t.to(x_t.dtype).view(-1, 1, 1, 1) / T)
+        return diff.make_target(x0, (x_t - ab.sqrt() * x0) / (1 - ab).sqrt(), x_t, t)
+    return denoise
+
+
+@pytest.mark.parametrize("target, prediction_type", [("eps", "epsilon"), ("x0", "sample"), ("v", "v_prediction")])
+@pytest.mark.parametrize("steps", [1, 2, 5, 10, 20, 50])
+def test_dpmpp2m_matches_diffusers_step_by_step(target, prediction_type, steps):
+    """Each visited x_t and the result equal diffusers' DPMSolverMultistepScheduler (dpmsolver++, order 2) on
+    our betas and respaced timesteps; its final_sigmas_type="zero" makes the last step first order to x0,
+    as ours is.
+
+    diffusers steps in float32; at t = 99, ab = 2.4e-7, reading x0 off an eps prediction divides by
+    sqrt(ab) ~ 5e-4, which turns float32 rounding into ~5e-4 in x: that, not the algorithm, sets eps's
+    tolerance (first-order steps in place of the second-order ones are off by up to 6e-3 here).
+    """
+    diffusers = pytest.importorskip("diffusers")
+    atol = 1e-3 if target == "eps" else 2e-5
+    diff = make(target)
+    denoise = bounded_denoiser(diff)
+    x_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    visited = []
+
+    def recording(x_t, t, cond):
+        visited.append(x_t)
+        return denoise(x_t, t, cond)
+    ours = dpmpp2m_sample(recording, diff, x_T, steps=steps, clip_x0=False)
+
+    scheduler = diffusers.DPMSolverMultistepScheduler(
+        num_train_timesteps=T, trained_betas=diff.schedule.betas.tolist(), prediction_type=prediction_type,
+        algorithm_type="dpmsolver++", solver_order=2, final_sigmas_type="zero")
+    scheduler.set_timesteps(timesteps=respaced(T, steps))
+    assert scheduler.timesteps.tolist() == respaced(T, steps)
+    x, theirs = x_T, []
+    for t in scheduler.timesteps:
+        theirs.append(x)
+        x = scheduler.step(denoise(x, t.view(1).expand(x.shape[0]), None), t, x).prev_sample
+    assert len(visited) == len(theirs) == steps
+    for ours_t, theirs_t in zip(visited + [ours], theirs + [x]):
+        torch.testing.assert_close(ours_t, theirs_t, atol=atol, rtol=1e-5)
+
+
+def test_dpmpp2m_differs_from_ddim_after_its_first_step():
+    """The second-order correction is live: one step is DDIM, more steps are not."""
+    diff = make("v")
+    x_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    denoise = bounded_denoiser(diff)
+    assert torch.equal(dpmpp2m_sample(denoise, diff, x_T, steps=1), ddim_sample(denoise, diff, x_T, steps=1))
+    assert not torch.allclose(dpmpp2m_sample(denoise, diff, x_T, steps=5), ddim_sample(denoise, diff, x_T, steps=5),
+                              atol=1e-3)

@@ -1,13 +1,20 @@
 #!/usr/bin/env python3
-"""Sampling speed on one device: 64x64 images/s through `Pipeline.generate` (classifier-free guidance, DDIM),
-and images/s through the x8 SRResNet upsampler.
+"""Sampling speed on one device, and with a trained checkpoint, attribute accuracy, per sampler and step count:
+64x64 images/s through `Pipeline.generate` (classifier-free guidance), and images/s through the x8 SRResNet
+upsampler.
 
   python tools/bench_sample.py [--config jobs/configs/celeba64.yaml] [--sr-config jobs/configs/sr.yaml] \
-      [--num 256] [--batch 256] [--steps 50] [--device cuda] [--json OUT]
+      [--samplers ddim,dpmpp2m] [--steps 5,10,20,50] [--num 256] [--batch 256] [--device cuda] [--json OUT]
+  python tools/bench_sample.py --checkpoint demo/run --classifier demo/classifier \
+      --samplers ddim,dpmpp2m --steps 5,10,20,50 --num 128 --no-sr
 
-The networks have random weights of the configs' sizes (speed does not depend on the weights); conditions
-are random CLIP-sized embeddings (512-d, `--tokens` token states). The first batch is a warm-up and not
-timed. Prints progress to stderr and one JSON object to stdout (and `--json`).
+Without `--checkpoint` the networks have random weights of the configs' sizes (speed does not depend on the
+weights) and conditions are random CLIP-sized embeddings (512-d, `--tokens` token states). With
+`--checkpoint`, the samples are those `python -m ddpdiff.eval --num NUM --seed 0` makes (val prompts of
+`--data`, default the checkpoint's shards) and `--classifier` adds their attribute accuracy on
+`--attributes`: the table that decides the default sampler. The first batch is a warm-up and not timed.
+Prints progress and the table to stderr and one JSON object to stdout (and `--json`); its top-level
+sample_* fields are the first sampler at the first step count.
 """
 
 from __future__ import annotations
@@ -23,9 +30,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ddpdiff import config, dist, models  # noqa: E402
 from ddpdiff.diffusion import Diffusion  # noqa: E402
-from ddpdiff.errors import cli  # noqa: E402
+from ddpdiff.errors import UsageError, cli  # noqa: E402
+from ddpdiff.metrics import Evaluator  # noqa: E402
 from ddpdiff.models import DenoiserMeta, SRMeta  # noqa: E402
 from ddpdiff.pipeline import Pipeline, upsample  # noqa: E402
+from ddpdiff.sampling import SAMPLERS, image_seed  # noqa: E402
 
 
 def synchronize(device: torch.device) -> None:
@@ -42,56 +51,127 @@ def timed(fn, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-@cli("bench_sample")
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="jobs/configs/celeba64.yaml", help="diffusion config (model, diffusion)")
-    p.add_argument("--sr-config", default="jobs/configs/sr.yaml", help="SRResNet config (sr section)")
-    p.add_argument("--num", type=int, default=256, help="timed 64x64 images (default 256)")
-    p.add_argument("--batch", type=int, default=256, help="images per sampler batch (default 256)")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
-    p.add_argument("--guidance", type=float, default=3.0, help="guidance scale (default 3: two forwards a step)")
-    p.add_argument("--sr-batch", type=int, default=16, help="images per upsampler batch (default 16)")
-    p.add_argument("--tokens", type=int, default=36, help="prompt length in tokens (default 36)")
-    p.add_argument("--device", help="torch device (default cuda if available, else cpu)")
-    p.add_argument("--json", type=Path, help="also write the JSON result here")
-    args = p.parse_args(argv)
+def int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 5,10,20, got {text!r}")
+
+
+def name_list(text: str) -> list[str]:
+    names = text.split(",")
+    unknown = [n for n in names if n not in SAMPLERS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown sampler(s) {', '.join(unknown)} (known: {', '.join(SAMPLERS)})")
+    return names
+
+
+def random_setup(args: argparse.Namespace, device: torch.device) -> tuple[Pipeline, dict, int]:
+    """A random-weight denoiser of --config's size and random CLIP-sized conditions: for speed only."""
     cfg = config.load(args.config)
-    sr = config.load(args.sr_config, root=config.SRTrainerConfig).sr
-    device = dist.default_device(args.device)
     dim = 512
     meta = DenoiserMeta(clip={"model": "synthetic", "dim": dim, "token_dim": dim}, image_size=64,
                         empty_prompt={"clip_text": [0.0] * dim, "tokens": [[0.0] * dim] * 2})
     torch.manual_seed(0)
     model = models.build_denoiser(cfg.model, cfg.diffusion.timesteps, meta).to(device).eval()
-    pipe = Pipeline(model, Diffusion(cfg.diffusion), cfg.model, meta)
-    n = args.num
-    cond = {"pooled": torch.nn.functional.normalize(torch.randn(n, dim), dim=-1).to(device),
-            "tokens": torch.randn(n, args.tokens, dim).to(device),
-            "mask": torch.ones(n, args.tokens, dtype=torch.bool, device=device)}
-    settings = {"steps": args.steps, "guidance": args.guidance, "batch_size": args.batch}
-    warm = min(n, args.batch)
-    timed(lambda: pipe.generate({k: v[:warm] for k, v in cond.items()}, list(range(warm)), **settings), device)
-    images = []
-    seconds = timed(lambda: images.append(pipe.generate(cond, list(range(n)), **settings)), device)
-    report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "torch": torch.__version__, "config": args.config, "params": models.count_params(model),
-              "num": n, "batch": args.batch, "steps": args.steps, "guidance": args.guidance,
-              "sample_seconds": seconds, "sample_images_per_s": n / seconds}
-    print(f"bench_sample: {n} images in {seconds:.2f} s: {n / seconds:.1f} images/s at 64x64, {args.steps} steps",
-          file=sys.stderr)
+    cond = {"pooled": torch.nn.functional.normalize(torch.randn(args.num, dim), dim=-1).to(device),
+            "tokens": torch.randn(args.num, args.tokens, dim).to(device),
+            "mask": torch.ones(args.num, args.tokens, dtype=torch.bool, device=device)}
+    return Pipeline(model, Diffusion(cfg.diffusion), cfg.model, meta), cond, models.count_params(model)
 
-    upsampler = models.build(SRMeta(scale=sr.scale, channels=sr.channels, num_blocks=sr.num_blocks)).to(device).eval()
-    timed(lambda: upsample(upsampler, images[0][:args.sr_batch], args.sr_batch), device)
-    sr_seconds = timed(lambda: upsample(upsampler, images[0], args.sr_batch), device)
-    report.update({"sr_scale": sr.scale, "sr_batch": args.sr_batch, "sr_seconds": sr_seconds,
-                   "sr_images_per_s": n / sr_seconds})
-    print(f"bench_sample: x{sr.scale} upsampling: {n / sr_seconds:.1f} images/s", file=sys.stderr)
+
+@cli("bench_sample")
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="jobs/configs/celeba64.yaml", help="diffusion config (model, diffusion), "
+                   "without --checkpoint")
+    p.add_argument("--checkpoint", metavar="RUN_DIR|FILE", help="a trained diffusion checkpoint instead of random "
+                   "weights: val prompts of --data, and attribute accuracy with --classifier")
+    p.add_argument("--data", metavar="SHARDS", help="with --checkpoint: shards whose val prompts are sampled "
+                   "(default: the checkpoint's data.shards)")
+    p.add_argument("--classifier", metavar="RUN_DIR|FILE", help="with --checkpoint: attribute classifier run")
+    p.add_argument("--attributes", default="visible", help="attributes the accuracy averages (default visible)")
+    p.add_argument("--sr-config", default="jobs/configs/sr.yaml", help="SRResNet config (sr section)")
+    p.add_argument("--no-sr", action="store_true", help="skip the upsampler timing")
+    p.add_argument("--num", type=int, default=256, help="timed 64x64 images per sampler and step count (default 256)")
+    p.add_argument("--batch", type=int, default=256, help="images per sampler batch (default 256)")
+    p.add_argument("--samplers", type=name_list, default=["ddim"],
+                   help=f"comma-separated, any of {', '.join(SAMPLERS)} (default ddim)")
+    p.add_argument("--steps", type=int_list, default=[50], help="comma-separated step counts (default 50)")
+    p.add_argument("--guidance", type=float, default=3.0, help="guidance scale (default 3: two forwards a step)")
+    p.add_argument("--sr-batch", type=int, default=16, help="images per upsampler batch (default 16)")
+    p.add_argument("--tokens", type=int, default=36, help="prompt length in tokens, without --checkpoint (default 36)")
+    p.add_argument("--device", help="torch device (default cuda if available, else cpu)")
+    p.add_argument("--json", type=Path, help="also write the JSON result here")
+    args = p.parse_args(argv)
+    if args.classifier and not args.checkpoint:
+        raise UsageError("bench_sample: --classifier needs --checkpoint (random weights have no accuracy)")
+    device = dist.default_device(args.device)
+    n = args.num
+    evaluator = None
+    if args.checkpoint:
+        pipe = Pipeline.from_checkpoint(args.checkpoint, device, encoder=False)
+        params = models.count_params(pipe.model)
+        evaluator = Evaluator(args.data or pipe.shards, pipe.meta, ["attr_acc"] if args.classifier else [], n,
+                              classifier=args.classifier, attributes=args.attributes, device=pipe.device,
+                              batch_size=args.batch)
+        seeds = [image_seed(0, i) for i in evaluator.samples["index"]]  # as ddpdiff.eval --seed 0
+        cond = pipe.condition(evaluator.samples)
+    else:
+        pipe, cond, params = random_setup(args, device)
+        seeds = list(range(n))
+    for sampler in args.samplers:
+        for steps in args.steps:
+            pipe.check(sampler, steps)
+
+    def generate(sampler: str, steps: int, rows: int) -> torch.Tensor:
+        return pipe.generate({k: v[:rows] for k, v in cond.items()}, seeds[:rows], sampler=sampler, steps=steps,
+                             guidance=args.guidance, batch_size=args.batch)
+
+    warm = min(n, args.batch)
+    timed(lambda: generate(args.samplers[0], min(args.steps), warm), device)
+    runs, images = [], []
+    for sampler in args.samplers:
+        for steps in args.steps:
+            seconds = timed(lambda sampler=sampler, steps=steps: images.append(generate(sampler, steps, n)), device)
+            run = {"sampler": sampler, "steps": steps, "sample_seconds": seconds, "sample_images_per_s": n / seconds}
+            if evaluator is not None and evaluator.metrics:
+                acc = evaluator.run(lambda batch: images[-1])["attr_acc"]
+                run.update(attr_acc=acc["mean"], attr_acc_real=acc["real_mean"])
+            runs.append(run)
+            accuracy = f", attribute accuracy {run['attr_acc']:.3f}" if "attr_acc" in run else ""
+            print(f"bench_sample: {sampler} {steps} steps: {n} images in {seconds:.2f} s, {n / seconds:.1f} images/s"
+                  f"{accuracy}", file=sys.stderr)
+    report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "torch": torch.__version__, "config": args.checkpoint or args.config, "params": params,
+              "num": n, "batch": args.batch, "guidance": args.guidance, **runs[0], "runs": runs}
+    print(table(runs), file=sys.stderr)
+
+    if not args.no_sr:
+        sr = config.load(args.sr_config, root=config.SRTrainerConfig).sr
+        upsampler = models.build(SRMeta(scale=sr.scale, channels=sr.channels,
+                                        num_blocks=sr.num_blocks)).to(device).eval()
+        timed(lambda: upsample(upsampler, images[0][:args.sr_batch], args.sr_batch), device)
+        sr_seconds = timed(lambda: upsample(upsampler, images[0], args.sr_batch), device)
+        report.update({"sr_scale": sr.scale, "sr_batch": args.sr_batch, "sr_seconds": sr_seconds,
+                       "sr_images_per_s": n / sr_seconds})
+        print(f"bench_sample: x{sr.scale} upsampling: {n / sr_seconds:.1f} images/s", file=sys.stderr)
     text = json.dumps(report, indent=1)
     print(text)
     if args.json:
         args.json.write_text(text + "\n")
     return 0
+
+
+def table(runs: list[dict]) -> str:
+    """The runs as a Markdown table (docs/benchmarks.md's format)."""
+    accuracy = "attr_acc" in runs[0]
+    lines = ["| sampler | steps | s per image | images/s |" + (" attribute accuracy |" if accuracy else ""),
+             "|---|---:|---:|---:|" + ("---:|" if accuracy else "")]
+    for r in runs:
+        lines.append(f"| {r['sampler']} | {r['steps']} | {1 / r['sample_images_per_s']:.4f} "
+                     f"| {r['sample_images_per_s']:.1f} |" + (f" {r['attr_acc']:.3f} |" if accuracy else ""))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
   python tools/bench_train.py --config jobs/configs/celeba64.yaml [--data.shards DIR | --synthetic] \
       --steps 20 --warmup 5 [--batch N] [--compile] [--grad-checkpointing off|on|both] [--peak-tflops X] \
-      [--json OUT] [--section.field value ...]
+      [--reference diffusers] [--json OUT] [--section.field value ...]
 
 Each step is the training loop's (ddpdiff/loop.py): the batch from the loader, `DiffusionTask.loss` under the
 config's autocast, backward, gradient clipping, the optimizer step (fused Adam on a GPU), the EMA update;
@@ -21,6 +21,14 @@ dense bf16/fp16) on CUDA with bf16 or fp16; otherwise MFU is null unless the fla
 torch.cuda.max_memory_allocated over the timed steps on a GPU, the process's max RSS on the CPU (a
 high-water mark over the whole process: with `--grad-checkpointing both` the checkpointed variant runs
 first, so each figure is its own). Prints progress to stderr and one JSON object to stdout (and `--json`).
+
+`--reference diffusers` also times diffusers' `UNet2DConditionModel` built to the config's U-Net
+(`reference_unet`: the same widths, residual blocks per level, scale-shift time embedding, pooled CLIP
+embedding added to it, and cross-attention on the same token states at the same resolutions) in the same
+training step, device and dtype, one step of each in turn, and reports both models' FLOPs per image,
+images/s, TFLOP/s and ours / reference. diffusers' attention is a transformer block (self-attention,
+cross-attention and a GEGLU feed-forward) wherever ours has cross-attention, so its FLOPs differ: the
+TFLOP/s ratio is the one at equal work. Memory is then the two models' together.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import platform
 import resource
@@ -41,9 +50,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ddpdiff import celeba, config, dist, loop  # noqa: E402
-from ddpdiff.config import Config, ConfigError  # noqa: E402
+from ddpdiff.config import Config, ConfigError, ModelConfig  # noqa: E402
 from ddpdiff.errors import cli  # noqa: E402
-from ddpdiff.models import count_params, flops_per_image  # noqa: E402
+from ddpdiff.models import DenoiserMeta, count_params, flops_per_image, uses_tokens  # noqa: E402
+from ddpdiff.models.layers import with_null, with_null_tokens  # noqa: E402
 from ddpdiff.train import DiffusionTask  # noqa: E402
 
 H100_BF16_DENSE_TFLOPS = 989.0
@@ -67,17 +77,27 @@ class SyntheticLoader:
         return (self.batch for _ in range(start, self.batches_per_epoch))
 
 
-class SyntheticTask(DiffusionTask):
-    """`DiffusionTask` (model, loss, checks) over `SyntheticLoader` batches."""
+class BenchTask(DiffusionTask):
+    """`DiffusionTask` (model, loss, checks) over `SyntheticLoader` batches with --synthetic, and with
+    `reference` the diffusers U-Net as its model: the same data, loss, optimizer and precision."""
 
-    def __init__(self, cfg: Config, env: dist.Env, args: argparse.Namespace):
+    def __init__(self, cfg: Config, env: dist.Env, args: argparse.Namespace, reference: bool = False):
         super().__init__(cfg, env)
-        self.args = args
+        self.args, self.reference = args, reference
 
-    def loader(self) -> SyntheticLoader:
+    def loader(self):
+        if not self.args.synthetic:
+            return super().loader()
         a, clip = self.args, self.manifest["clip"]
         return SyntheticLoader(self.cfg.train.global_batch, self.manifest["image_size"], clip["dim"],
                                clip["token_dim"], a.tokens, a.warmup + a.steps)
+
+    def build_model(self) -> torch.nn.Module:
+        if not self.reference:
+            return super().build_model()
+        model = reference_unet(self.cfg.model, self.metadata(), self.cfg.diffusion.timesteps)
+        model.set_grad_checkpointing(self.cfg.train.grad_checkpointing)
+        return model
 
 
 def synthetic_manifest(out: Path, args: argparse.Namespace) -> Path:
@@ -92,6 +112,52 @@ def synthetic_manifest(out: Path, args: argparse.Namespace) -> Path:
     return out
 
 
+class DiffusersUNet(torch.nn.Module):
+    """diffusers' UNet2DConditionModel behind our denoiser's call, `model(x_t, t, cond, drop)`, with the same
+    null pooled embedding and empty-prompt token states for dropped examples."""
+
+    def __init__(self, cfg: ModelConfig, image_size: int, cond_dim: int, token_dim: int, null_tokens: torch.Tensor,
+                 timesteps: int):
+        super().__init__()
+        from diffusers import (
+            UNet2DConditionModel,  # the dev extra: only this comparison needs it
+        )
+
+        sizes = [image_size // 2 ** i for i in range(len(cfg.channel_mult))]
+        cross = [size in cfg.cross_attn_resolutions for size in sizes]
+        self.unet = UNet2DConditionModel(
+            sample_size=image_size, in_channels=3, out_channels=3,
+            block_out_channels=tuple(cfg.channels * m for m in cfg.channel_mult), layers_per_block=cfg.num_res_blocks,
+            down_block_types=tuple("CrossAttnDownBlock2D" if c else "DownBlock2D" for c in cross),
+            up_block_types=tuple("CrossAttnUpBlock2D" if c else "UpBlock2D" for c in reversed(cross)),
+            mid_block_type="UNetMidBlock2DCrossAttn" if cross[-1] else None,
+            cross_attention_dim=token_dim, attention_head_dim=cfg.num_heads,  # diffusers reads it as the head count
+            norm_num_groups=math.gcd(32, cfg.channels), resnet_time_scale_shift="scale_shift",
+            class_embed_type="projection", projection_class_embeddings_input_dim=cond_dim, dropout=cfg.dropout,
+            flip_sin_to_cos=True, freq_shift=0)
+        self.cond_dim, self.token_dim, self.time_scale = cond_dim, token_dim, 1000 / timesteps
+        self.null = torch.nn.Parameter(torch.zeros(cond_dim))
+        self.register_buffer("null_tokens", null_tokens.detach().float().clone())
+
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        (self.unet.enable_gradient_checkpointing if enabled else self.unet.disable_gradient_checkpointing)()
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: dict, drop: torch.Tensor) -> torch.Tensor:
+        pooled = with_null(cond["pooled"], self.null, drop)
+        tokens, mask = with_null_tokens(cond["tokens"], cond["mask"], self.null_tokens, drop)
+        return self.unet(x, t * self.time_scale, encoder_hidden_states=tokens, class_labels=pooled,
+                         encoder_attention_mask=mask).sample
+
+
+def reference_unet(cfg: ModelConfig, meta: DenoiserMeta, timesteps: int) -> DiffusersUNet:
+    """The diffusers U-Net matching `cfg` (model.name unet with token states: the comparison needs both)."""
+    if cfg.name != "unet" or not uses_tokens(cfg) or not meta.clip.get("token_dim"):
+        raise ConfigError("--reference diffusers compares the unet with cross-attention: set model.name unet, "
+                          "model.cond tokens|both, and use shards (or --synthetic --token-dim) with token states")
+    return DiffusersUNet(cfg, meta.image_size, meta.clip["dim"], meta.clip["token_dim"],
+                         torch.tensor(meta.empty_prompt["tokens"], dtype=torch.float32), timesteps)
+
+
 def cpu_name() -> str:
     """The CPU's model name from /proc/cpuinfo, else what `platform` knows."""
     info = Path("/proc/cpuinfo")
@@ -104,47 +170,78 @@ def max_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def measure(task: DiffusionTask, loader, steps: int, warmup: int) -> dict:
-    """Median step time and peak memory of `steps` training steps after `warmup` untimed ones."""
-    t = task.cfg.train
-    cuda = task.env.device.type == "cuda"
-    tr = loop.setup(task)
-    loop.wrap(tr, task)
+class Stepper:
+    """One task's training state and batches, stepped one training step at a time (so two can interleave):
+    the loop's own backward and update for one rank (no DDP, no logging, no checkpoints)."""
 
-    # The steps: the loop's own backward and update for one rank (no DDP, no logging, no checkpoints).
-    times, nonfinite, stats = [], 0, {}
-    data = loop.batches(loader, 0, 0)
+    def __init__(self, task: DiffusionTask, loader):
+        self.task, self.cuda = task, task.env.device.type == "cuda"
+        self.tr = loop.setup(task)
+        loop.wrap(self.tr, task)
+        self.data = loop.batches(loader, 0, 0)
+        self.times, self.nonfinite, self.stats, self.step_index = [], 0, {}, 0
+
+    def step(self, timed: bool) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        _, _, batch = next(self.data)
+        self.tr.step = self.step_index
+        losses, grad_norm = loop.backward(self.tr, self.task, batch, self.stats)
+        finite = bool(torch.isfinite(losses).all()) and bool(torch.isfinite(grad_norm))
+        loop.update(self.tr, apply=finite)
+        self.nonfinite += not finite
+        if self.cuda:
+            torch.cuda.synchronize()
+        if timed:
+            self.times.append(time.perf_counter() - start)
+        self.step_index += 1
+
+    def result(self) -> dict:
+        median = statistics.median(self.times)
+        t = self.task.cfg.train
+        return {"grad_checkpointing": t.grad_checkpointing, "step_s_median": median, "step_s_min": min(self.times),
+                "step_s_max": max(self.times), "images_per_s": t.global_batch / median,
+                "nonfinite_steps": self.nonfinite}
+
+
+def model_size(task: DiffusionTask, tokens: int) -> tuple[int, int]:
+    """Trainable parameters and forward FLOPs per image of the task's model."""
+    model = task.build_model()
+    return count_params(model), flops_per_image(model, task.manifest["image_size"], tokens)
+
+
+def compare(ours: dict, ref: dict) -> dict:
+    """Ours / the reference's images/s and achieved TFLOP/s, printed and returned."""
+    out = {"grad_checkpointing": ours["grad_checkpointing"]}
+    if not ours.get("oom") and not ref.get("oom"):
+        out.update(images_per_s_ratio=ours["images_per_s"] / ref["images_per_s"],
+                   tflops_ratio=ours["tflops"] / ref["tflops"])
+        dist.print0(f"  grad_checkpointing={out['grad_checkpointing']}: ours / diffusers: images/s "
+                    f"{out['images_per_s_ratio']:.3f}x, TFLOP/s {out['tflops_ratio']:.3f}x", file=sys.stderr)
+    return out
+
+
+def measure(tasks: list[DiffusionTask], loaders: list, steps: int, warmup: int) -> list[dict]:
+    """Median step time and peak memory of `steps` training steps of each task after `warmup` untimed ones,
+    one step of each task in turn (memory is the tasks' together)."""
+    cuda = tasks[0].env.device.type == "cuda"
+    steppers = [Stepper(task, loader) for task, loader in zip(tasks, loaders)]
     for step in range(warmup + steps):
         if step == warmup and cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        _, _, batch = next(data)
-        tr.step = step
-        losses, grad_norm = loop.backward(tr, task, batch, stats)
-        finite = bool(torch.isfinite(losses).all()) and bool(torch.isfinite(grad_norm))
-        loop.update(tr, apply=finite)
-        nonfinite += not finite
-        if cuda:
-            torch.cuda.synchronize()
-        if step >= warmup:
-            times.append(time.perf_counter() - start)
-
-    median = statistics.median(times)
-    result = {"grad_checkpointing": t.grad_checkpointing, "step_s_median": median,
-              "step_s_min": min(times), "step_s_max": max(times), "images_per_s": t.global_batch / median,
-              "nonfinite_steps": nonfinite}
-    if cuda:
-        result["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    else:
-        result["max_rss_gib"] = max_rss_gib()
-    del tr, batch, data
+        for stepper in steppers:
+            stepper.step(timed=step >= warmup)
+    results = [stepper.result() for stepper in steppers]
+    memory = ({"peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30} if cuda else {"max_rss_gib": max_rss_gib()})
+    for r in results:
+        r.update(memory)
+    del steppers
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
-    return result
+    return results
 
 
 @cli("bench_train")
@@ -168,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=36,
                         help="prompt length for the FLOP count and the synthetic token states (mean CelebA "
                              "prompt under ViT-B-32's tokenizer: 36)")
+    parser.add_argument("--reference", choices=["diffusers"],
+                        help="also time diffusers' UNet2DConditionModel of the config's sizes, steps interleaved, "
+                             "and print ours / its images/s and TFLOP/s (needs the dev extra)")
     parser.add_argument("--json", type=Path, help="also write the JSON result here")
     args, rest = parser.parse_known_args(argv)
     cfg = config.load(args.config, rest)
@@ -187,14 +287,12 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             if args.synthetic:
                 cfg.data.shards = str(synthetic_manifest(Path(tmp) / "shards", args))
-                task = SyntheticTask(cfg, env, args)
-            else:
-                task = DiffusionTask(cfg, env)
-            loader = loop.checked_loader(task)
-            model = task.build_model()
-            params = count_params(model)
-            flops = flops_per_image(model, task.manifest["image_size"], args.tokens)
-            del model
+            tasks = [BenchTask(cfg, env, args, reference) for reference in ([False, True] if args.reference else
+                                                                             [False])]
+            loaders = [loop.checked_loader(task) for task in tasks]
+            task = tasks[0]
+            sizes = [model_size(task, args.tokens) for task in tasks]
+            params, flops = sizes[0]
             peak = args.peak_tflops
             if peak is None and env.device.type == "cuda" and t.precision in ("bf16", "fp16"):
                 peak = H100_BF16_DENSE_TFLOPS
@@ -207,28 +305,40 @@ def main(argv: list[str] | None = None) -> int:
                 "gflops_forward_per_image": flops / 1e9, "batch": t.global_batch, "micro_batch": t.micro_batch or
                 t.global_batch, "precision": t.precision, "channels_last": t.channels_last, "compile": t.compile,
                 "steps": args.steps, "warmup": args.warmup, "peak_tflops": peak, "results": []}
+            if args.reference:
+                report["reference"] = {"model": "diffusers UNet2DConditionModel", "params": sizes[1][0],
+                                       "gflops_forward_per_image": sizes[1][1] / 1e9, "results": []}
+                dist.print0(f"bench_train: reference diffusers UNet2DConditionModel {sizes[1][0] / 1e6:.2f}M params, "
+                            f"{sizes[1][1] / 1e9:.3f} forward GFLOPs/image, steps interleaved", file=sys.stderr)
             dist.print0(f"bench_train: {report['device']}, {cfg.model.name} {params / 1e6:.2f}M params, "
                         f"{flops / 1e9:.3f} forward GFLOPs/image, batch {t.global_batch}, {t.precision}", file=sys.stderr)
             for checkpointing in variants:
                 t.grad_checkpointing = checkpointing
                 try:
-                    r = measure(task, loader, args.steps, args.warmup)
+                    results = measure(tasks, loaders, args.steps, args.warmup)
                 except torch.cuda.OutOfMemoryError:
                     gc.collect()
                     torch.cuda.empty_cache()
-                    r = {"grad_checkpointing": checkpointing, "oom": True}
+                    results = [{"grad_checkpointing": checkpointing, "oom": True}] * len(tasks)
                     dist.print0(f"  grad_checkpointing={checkpointing}: out of memory", file=sys.stderr)
-                else:
-                    r["tflops"] = 3 * flops * r["images_per_s"] / 1e12
-                    r["mfu"] = r["tflops"] / peak if peak else None
-                    memory = (f"peak {r['peak_mem_gib']:.2f} GiB" if "peak_mem_gib" in r else
-                              f"max RSS {r['max_rss_gib']:.2f} GiB")
-                    mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
-                    dist.print0(f"  grad_checkpointing={checkpointing}: {r['images_per_s']:.1f} images/s, step "
-                                f"{1e3 * r['step_s_median']:.1f} ms (median), {r['tflops']:.3f} TFLOP/s, MFU {mfu}, "
-                                f"{memory}", file=sys.stderr)
-                report["results"].append(r)
+                for r, (_, model_flops), name in zip(results, sizes, ["", "reference "]):
+                    if not r.get("oom"):
+                        r["tflops"] = 3 * model_flops * r["images_per_s"] / 1e12
+                        r["mfu"] = r["tflops"] / peak if peak else None
+                        memory = (f"peak {r['peak_mem_gib']:.2f} GiB" if "peak_mem_gib" in r else
+                                  f"max RSS {r['max_rss_gib']:.2f} GiB")
+                        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+                        dist.print0(f"  {name}grad_checkpointing={checkpointing}: {r['images_per_s']:.1f} images/s, "
+                                    f"step {1e3 * r['step_s_median']:.1f} ms (median), {r['tflops']:.3f} TFLOP/s, "
+                                    f"MFU {mfu}, {memory}", file=sys.stderr)
+                report["results"].append(results[0])
+                if args.reference:
+                    report["reference"]["results"].append(results[1])
         report["results"].sort(key=lambda r: r["grad_checkpointing"])
+        if args.reference:
+            report["reference"]["results"].sort(key=lambda r: r["grad_checkpointing"])
+            report["vs_reference"] = [compare(ours, ref) for ours, ref in zip(report["results"],
+                                                                             report["reference"]["results"])]
         if len(report["results"]) == 2 and not any(r.get("oom") for r in report["results"]):
             off, on = report["results"]
             mem = "peak_mem_gib" if "peak_mem_gib" in off else "max_rss_gib"

@@ -1,0 +1,26 @@
+"""tools/bench_sample.py: the sampler x steps table, with attribute accuracy from a trained checkpoint."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+
+def test_bench_sample_tables_each_sampler_and_step_count(diffusion_run, classifier_run, python, repo):
+    out = subprocess.run([python, "tools/bench_sample.py", "--checkpoint", str(diffusion_run), "--classifier",
+                          str(classifier_run), "--samplers", "ddim,dpmpp2m", "--steps", "2,3", "--num", "4",
+                          "--batch", "4", "--no-sr"], cwd=repo, capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    runs = report["runs"]
+    assert [(r["sampler"], r["steps"]) for r in runs] == [("ddim", 2), ("ddim", 3), ("dpmpp2m", 2), ("dpmpp2m", 3)]
+    assert all(0 <= r["attr_acc"] <= 1 and r["sample_images_per_s"] > 0 for r in runs)
+    assert report["sample_images_per_s"] == runs[0]["sample_images_per_s"] and "sr_images_per_s" not in report
+    rows = [line for line in out.stderr.splitlines() if line.startswith("| dpmpp2m | 3 |")]
+    assert len(rows) == 1 and rows[0].endswith(f" {runs[3]['attr_acc']:.3f} |")
+
+
+def test_bench_sample_names_an_unknown_sampler(python, repo):
+    out = subprocess.run([python, "tools/bench_sample.py", "--samplers", "ddim,euler"], cwd=repo,
+                         capture_output=True, text=True, check=False)
+    assert out.returncode == 2 and "unknown sampler(s) euler (known: ddpm, ddim, dpmpp2m)" in out.stderr
