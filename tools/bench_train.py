@@ -124,9 +124,9 @@ def measure(task: DiffusionTask, loader, steps: int, warmup: int) -> dict:
         _, _, batch = next(data)
         tr.step = step
         losses, grad_norm = loop.backward(tr, task, batch, stats)
-        finite = bool(torch.isfinite(losses).all()) and bool(torch.isfinite(grad_norm))
-        loop.update(tr, apply=finite)
-        nonfinite += not finite
+        flags = loop.step_flags(losses, grad_norm, tr.scaler.is_enabled())
+        loop.update(tr, flags.any())
+        nonfinite = nonfinite + flags.any().int()  # on the device, read once at the end
         if cuda:
             torch.cuda.synchronize()
         if step >= warmup:
@@ -135,7 +135,7 @@ def measure(task: DiffusionTask, loader, steps: int, warmup: int) -> dict:
     median = statistics.median(times)
     result = {"grad_checkpointing": t.grad_checkpointing, "step_s_median": median,
               "step_s_min": min(times), "step_s_max": max(times), "images_per_s": t.global_batch / median,
-              "nonfinite_steps": nonfinite}
+              "nonfinite_steps": int(nonfinite)}
     if cuda:
         result["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
     else:
