@@ -97,14 +97,15 @@ HOST_READS = {"item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int_
 
 
 def _bool_index(index):
+    import torch
+
     parts = index if isinstance(index, tuple) else (index,)
-    return any(isinstance(p, __import__("torch").Tensor) and p.dtype == __import__("torch").bool for p in parts)
+    return any(isinstance(p, torch.Tensor) and p.dtype == torch.bool for p in parts)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_a_step_that_does_not_log_save_or_evaluate_reads_nothing_back_from_the_device(
         shards_dir, tmp_path, monkeypatch, precision):
-    import torch
     from torch.overrides import TorchFunctionMode
 
     from ddpdiff import dist, train
@@ -167,7 +168,8 @@ def test_ddp_searches_unused_parameters_only_where_runs_are_bitwise():
 
     import torch
 
-    def options(backend, deterministic, model=torch.nn.Linear(2, 2), world=4):
+    def options(backend, deterministic, model=None, world=4):
+        model = model or torch.nn.Linear(2, 2)
         cfg = config.load(CONFIGS / "smoke.yaml", ["--train.deterministic", str(deterministic).lower()])
         return loop.ddp_options(model, SimpleNamespace(cfg=cfg, env=SimpleNamespace(world_size=world, backend=backend)))
 

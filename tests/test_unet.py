@@ -179,3 +179,19 @@ def test_overfits_one_batch():
     _, _, cond = inputs()
     losses = overfit_losses(model, cond, SIZE, lr=3e-3, steps=20)
     assert losses[-1] < losses[0] / 10
+
+
+def test_token_states_come_padded_to_a_bucket_and_the_output_is_that_of_per_batch_padding():
+    from ddpdiff import conditioning
+
+    model = tiny()
+    x, t, cond = inputs(length=5)
+    batch = {"clip_text": cond["pooled"], "tokens": cond["tokens"], "token_mask": cond["mask"]}
+    bucketed = conditioning.from_batch(batch, True, "cpu")
+    assert bucketed["tokens"].shape[1] == bucketed["mask"].shape[1] == conditioning.TOKEN_BUCKET
+    assert not bucketed["mask"][:, 5:].any() and torch.equal(bucketed["mask"][:, :5], cond["mask"])
+    full = dict(cond, tokens=torch.nn.functional.pad(cond["tokens"], (0, 0, 0, 72)),
+                mask=torch.nn.functional.pad(cond["mask"], (0, 72)))  # CLIP's 77
+    ref = model(x, t, cond, no_drop())
+    torch.testing.assert_close(model(x, t, bucketed, no_drop()), ref)
+    torch.testing.assert_close(model(x, t, full, no_drop()), ref)
