@@ -20,12 +20,14 @@ checkpointing is not counted, so it shows as lower MFU. Peak: `--peak-tflops`, b
 dense bf16/fp16) on CUDA with bf16 or fp16; otherwise MFU is null unless the flag is given. Memory is
 torch.cuda.max_memory_allocated over the timed steps on a GPU, the process's max RSS on the CPU (a
 high-water mark over the whole process: with `--grad-checkpointing both` the checkpointed variant runs
-first, so each figure is its own). Prints progress to stderr and one JSON object to stdout (and `--json`).
+first, so each figure is its own). On CUDA, `host_syncs_per_step` counts the host-device synchronisations
+that `torch.cuda.set_sync_debug_mode` reports inside the timed steps (the target is 0). Prints progress to stderr and one JSON object to stdout (and `--json`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -35,6 +37,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -104,6 +107,23 @@ def max_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+@contextlib.contextmanager
+def syncs_counted(enabled: bool):
+    """The host-device synchronisations inside the block, as CUDA's sync debug mode reports them (a list of
+    warnings; empty when not `enabled`)."""
+    if not enabled:
+        yield []
+        return
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield seen
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    seen[:] = [w for w in seen if "synchroniz" in str(w.message)]
+
+
 def measure(task: DiffusionTask, loader, steps: int, warmup: int) -> dict:
     """Median step time and peak memory of `steps` training steps after `warmup` untimed ones."""
     t = task.cfg.train
@@ -112,7 +132,7 @@ def measure(task: DiffusionTask, loader, steps: int, warmup: int) -> dict:
     loop.wrap(tr, task)
 
     # The steps: the loop's own backward and update for one rank (no DDP, no logging, no checkpoints).
-    times, nonfinite, stats = [], 0, {}
+    times, nonfinite, stats, syncs = [], 0, {}, 0
     data = loop.batches(loader, 0, 0)
     for step in range(warmup + steps):
         if step == warmup and cuda:
@@ -123,10 +143,12 @@ def measure(task: DiffusionTask, loader, steps: int, warmup: int) -> dict:
         start = time.perf_counter()
         _, _, batch = next(data)
         tr.step = step
-        losses, grad_norm = loop.backward(tr, task, batch, stats)
-        flags = loop.step_flags(losses, grad_norm, tr.scaler.is_enabled())
-        loop.update(tr, flags.any())
-        nonfinite = nonfinite + flags.any().int()  # on the device, read once at the end
+        with syncs_counted(cuda and step >= warmup) as seen:
+            losses, grad_norm = loop.backward(tr, task, batch, stats)
+            flags = loop.step_flags(losses, grad_norm, tr.scaler.is_enabled())
+            loop.update(tr, flags.any())
+            nonfinite = nonfinite + flags.any().int()  # on the device, read once at the end
+        syncs += len(seen)
         if cuda:
             torch.cuda.synchronize()
         if step >= warmup:
@@ -137,6 +159,7 @@ def measure(task: DiffusionTask, loader, steps: int, warmup: int) -> dict:
               "step_s_min": min(times), "step_s_max": max(times), "images_per_s": t.global_batch / median,
               "nonfinite_steps": int(nonfinite)}
     if cuda:
+        result["host_syncs_per_step"] = syncs / steps  # the target is 0
         result["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
     else:
         result["max_rss_gib"] = max_rss_gib()
