@@ -8,11 +8,15 @@ from typing import Literal, Sequence, TypedDict
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .clip import Encoder
 from .data.batch import pad, to_torch
 
 Source = Literal["text", "image", "mix"]
+# Token states are padded (masked) to a multiple of this on the device: a batch of CLIP's at most 77 tokens
+# takes one of 5 shapes, so torch.compile does not recompile per longest prompt, at little extra attention.
+TOKEN_BUCKET = 16
 
 
 class Cond(TypedDict, total=False):
@@ -34,8 +38,9 @@ def from_batch(batch: dict, tokens: bool, device: torch.device | str, source: So
         pooled = torch.where(use_image, batch["clip_image"].to(device, non_blocking=True), pooled)
     cond = Cond(pooled=pooled)
     if tokens:
-        cond["tokens"] = batch["tokens"].to(device, non_blocking=True)
-        cond["mask"] = batch["token_mask"].to(device, non_blocking=True)
+        states, mask = batch["tokens"].to(device, non_blocking=True), batch["token_mask"].to(device, non_blocking=True)
+        extra = -states.shape[1] % TOKEN_BUCKET
+        cond["tokens"], cond["mask"] = F.pad(states, (0, 0, 0, extra)), F.pad(mask, (0, extra))
     return cond
 
 

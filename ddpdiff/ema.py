@@ -18,11 +18,15 @@ class EMA:
         return min(self.decay, (1 + step) / (10 + step))
 
     @torch.no_grad()
-    def update(self, model: nn.Module, step: int) -> None:
+    def update(self, model: nn.Module, step: int, skip: torch.Tensor | None = None) -> None:
+        """Move towards `model`'s weights, unless `skip` (a bool tensor, read on the device: no host sync)."""
         ema = list(self.model.parameters())
-        torch._foreach_lerp_(ema, [p.detach() for p in model.parameters()], 1.0 - self.decay_at(step))
+        weight = 1.0 - self.decay_at(step)
+        if skip is not None:
+            weight = torch.where(skip, 0.0, weight).to(ema[0].device)
+        torch._foreach_lerp_(ema, [p.detach() for p in model.parameters()], weight)
         for b_ema, b in zip(self.model.buffers(), model.buffers()):
-            b_ema.copy_(b)
+            b_ema.copy_(b if skip is None else torch.where(skip, b_ema, b))
 
     def state_dict(self) -> dict:
         return self.model.state_dict()

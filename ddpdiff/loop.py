@@ -138,7 +138,9 @@ def loss_weight(examples: int, world_size: int, global_batch: int) -> float:
 
 @contextlib.contextmanager
 def ddp_sync(model: nn.Module, sync: bool):
-    """Skip DDP's gradient all-reduce on all but the last micro-batch of an accumulated step."""
+    """Skip DDP's gradient all-reduce on all but the last micro-batch of an accumulated step (also through a
+    torch.compile wrapper, which is not itself a DDP module)."""
+    model = getattr(model, "_orig_mod", model)
     if sync or not isinstance(model, DDP):
         yield
     else:
@@ -232,7 +234,7 @@ def setup(task: Task) -> TrainState:
         model = model.to(memory_format=torch.channels_last)
     opt_cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
     optimizer = opt_cls(param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas),
-                        **({"fused": True} if env.device.type == "cuda" else {"foreach": True}))
+                        fused=True)  # fused: `update` gates it with a found-inf tensor
     return TrainState(model, EMA(model, t.ema_decay), optimizer,
                       torch.amp.GradScaler(env.device.type, enabled=t.precision == "fp16"),
                       {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision), model)
@@ -243,20 +245,32 @@ def wrap(state: TrainState, task: Task) -> None:
     cfg, env = task.cfg, task.env
     forward = state.model
     if env.world_size > 1:
-        # DDP re-buckets gradients after its first step unless find_unused_parameters is set; a resumed
-        # process would then sum its first step's gradients in another order than the uninterrupted run did.
-        # (With two ranks every sum has two terms, exact in either order, so nothing needs fixing there.)
         forward = DDP(state.model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
-                      find_unused_parameters=cfg.dist.fixed_buckets and env.world_size > 2)
+                      **ddp_options(state.model, task))
     state.forward = torch.compile(forward) if cfg.train.compile else forward
+
+
+def ddp_options(model: nn.Module, task: Task) -> dict[str, Any]:
+    """DDP's settings. DDP re-buckets gradients after its first step unless find_unused_parameters is set; a
+    resumed process would then sum its first step's gradients in another order than the uninterrupted run
+    did, so `dist.fixed_buckets` keeps that search where results can be bitwise (deterministic mode, or gloo).
+    (With two ranks every sum has two terms, exact in either order, so nothing needs fixing there.) Otherwise
+    the graph is static (every parameter is used in every step), gradients live in the buckets, and buffers
+    are broadcast only for models whose buffers change in training (BatchNorm statistics)."""
+    cfg, env = task.cfg, task.env
+    if cfg.dist.fixed_buckets and env.world_size > 2 and (cfg.train.deterministic or env.backend == "gloo"):
+        return {"find_unused_parameters": True}
+    running_stats = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    return {"static_graph": True, "gradient_as_bucket_view": True, "broadcast_buffers": running_stats}
 
 
 def backward(tr: TrainState, task: Task, batch: dict, stats: dict[str, list[torch.Tensor]],
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of one global batch's share on this rank for step `tr.step`, micro-batch by micro-batch,
-    unscaled and clipped.
+    unscaled and clipped, without reading anything back from the device.
 
-    Returns the micro-batches' losses and the gradient norm; adds the task's logging stats into `stats`.
+    Returns the micro-batches' losses and the gradient norm; adds the task's logging stats into `stats`
+    (on the device).
     """
     t, env, step = task.cfg.train, task.env, tr.step
     tr.model.train()
@@ -272,23 +286,44 @@ def backward(tr: TrainState, task: Task, batch: dict, stats: dict[str, list[torc
         tr.scaler.scale(loss * loss_weight(len(part["key"]), env.world_size, t.global_batch)).backward()
         losses.append(loss.detach())
         for name, (total, count) in part_stats.items():
-            acc = stats.setdefault(name, [torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)])
-            acc[0] += total.detach().double().cpu()
-            acc[1] += count.detach().double().cpu()
+            add_stat(stats, name, total, count)
     tr.scaler.unscale_(tr.optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(tr.model.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf)
     return torch.stack(losses), grad_norm
 
 
-def update(tr: TrainState, apply: bool) -> None:
-    """Apply the gradients and move the EMA, or drop them (a non-finite loss on some rank, or an fp16 overflow
-    after which the GradScaler lowers its scale)."""
-    if apply:
-        tr.scaler.step(tr.optimizer)
+def add_stat(stats: dict[str, list[torch.Tensor]], name: str, total: torch.Tensor, count: torch.Tensor) -> None:
+    """Add a (sum, count) pair into `stats` on its device, in float64."""
+    acc = stats.setdefault(name, [torch.zeros((), dtype=torch.float64, device=total.device),
+                                  torch.zeros((), dtype=torch.float64, device=total.device)])
+    acc[0] += total.detach().double()
+    acc[1] += count.detach().double()
+
+
+def step_flags(losses: torch.Tensor, grad_norm: torch.Tensor, scaled: bool) -> torch.Tensor:
+    """[bad, overflow] of this step, true on every rank if true on any, as a device tensor (one all-reduce and no
+    host read): bad is a non-finite loss, or non-finite gradients without a GradScaler; overflow is non-finite
+    gradients (with fp16, the GradScaler's routine overflow)."""
+    overflow = ~torch.isfinite(grad_norm)
+    bad = ~torch.isfinite(losses).all() | (overflow & (not scaled))
+    flags = torch.stack([bad, overflow]).to(torch.int32)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+    return flags.bool()
+
+
+def update(tr: TrainState, skip: torch.Tensor) -> None:
+    """Apply the gradients and move the EMA, or, where `skip` (a device bool) is true, leave both as they are
+    (a non-finite loss on some rank, or an fp16 overflow after which the GradScaler lowers its scale). The
+    fused optimizer reads the gate as GradScaler hands it over (its `found_inf`), so no step reads it back."""
+    tr.optimizer.found_inf = skip.float()
+    try:
+        tr.optimizer.step()
+    finally:
+        del tr.optimizer.found_inf
     tr.scaler.update()
     tr.optimizer.zero_grad(set_to_none=True)
-    if apply:
-        tr.ema.update(tr.model, tr.step)
+    tr.ema.update(tr.model, tr.step, skip)
 
 
 def train_loader(task: Task, **options) -> data.Loader:
@@ -424,30 +459,51 @@ def resume(tr: TrainState, task: Task, hold: contextlib.ExitStack) -> bool:
 
 
 class Logger:
-    """Accumulates the task's stats between log steps and writes one line and the scalars at each."""
+    """Accumulates the task's stats, the loss and the skipped steps on the device between log steps; `check`
+    and `log` are the only places they are read back (at sync points, see `sync_due`)."""
 
-    def __init__(self, monitor: Monitor, cuda: bool, step: int):
-        self.monitor, self.cuda = monitor, cuda
+    def __init__(self, monitor: Monitor, device: torch.device, step: int, total: int):
+        self.monitor, self.cuda, self.total = monitor, device.type == "cuda", total
         self.stats: dict[str, list[torch.Tensor]] = {}
-        self.nonfinite_total = self.overflow_total = 0
+        # non-finite steps, fp16 overflow steps, the current run of non-finite steps and the longest run
+        self.health = torch.zeros(4, dtype=torch.int64, device=device)
         self.tick, self.tick_step = time.perf_counter(), step
 
-    def log(self, tr: TrainState, epoch: int, losses: torch.Tensor, grad_norm: torch.Tensor, global_batch: int) -> None:
+    def record(self, losses: torch.Tensor, flags: torch.Tensor) -> None:
+        """Count a step's outcome (`step_flags`); its loss goes into the mean unless the step was skipped."""
+        bad, overflow = flags[0], flags[1]
+        add_stat(self.stats, "train/loss", torch.where(bad, 0.0, losses.float().mean()), ~bad)
+        nonfinite, overflows, run, longest = self.health.unbind()
+        run = (run + 1) * bad
+        self.health = torch.stack([nonfinite + bad, overflows + (overflow & ~bad), run, torch.maximum(longest, run)])
+
+    def check(self, step: int, max_nonfinite: int) -> tuple[int, int]:
+        """The non-finite and overflow step totals; an error when more than `max_nonfinite` came in a row."""
+        nonfinite, overflows, _, longest = self.health.tolist()
+        if longest > max_nonfinite:
+            raise FloatingPointError(
+                f"{longest} non-finite losses in a row by step {step}; stopping with the last good checkpoint "
+                f"intact (lower train.lr, use bf16, or raise train.max_nonfinite)")
+        return nonfinite, overflows
+
+    def log(self, tr: TrainState, epoch: int, grad_norm: torch.Tensor, global_batch: int,
+            max_nonfinite: int) -> None:
+        """One line and the scalars: `train/loss` and the task's stats are means since the last log step."""
+        nonfinite, overflows = self.check(tr.step, max_nonfinite)
         elapsed = time.perf_counter() - self.tick
-        values = {"train/loss": dist.all_mean(losses.mean().float().cpu()).item(),
-                  "train/lr": tr.optimizer.param_groups[0]["lr"], "train/grad_norm": float(grad_norm),
+        values = {"train/lr": tr.optimizer.param_groups[0]["lr"], "train/grad_norm": float(grad_norm),
                   "train/images_per_s": global_batch * (tr.step - self.tick_step) / max(elapsed, 1e-9),
-                  "train/samples_seen": tr.samples_seen, "train/epoch": epoch,
-                  "train/nonfinite_steps": self.nonfinite_total}
+                  "train/samples_seen": tr.samples_seen, "train/epoch": epoch, "train/nonfinite_steps": nonfinite}
         if tr.scaler.is_enabled():
-            values.update({"train/overflow_steps": self.overflow_total, "train/loss_scale": tr.scaler.get_scale()})
+            values.update({"train/overflow_steps": overflows, "train/loss_scale": tr.scaler.get_scale()})
         for name, (s, c) in sorted(self.stats.items()):
             s, c = dist.all_sum(s), dist.all_sum(c)
             if c > 0:
                 values[name] = (s / c).item()
         if self.cuda:
             values["train/gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        self.monitor.scalars(tr.step, values)
+        eta = elapsed / max(tr.step - self.tick_step, 1) * (self.total - tr.step)
+        self.monitor.scalars(tr.step, values, total=self.total, eta_s=eta)
         self.stats.clear()
         self.tick, self.tick_step = time.perf_counter(), tr.step
 
@@ -479,7 +535,7 @@ def _run(task: Task, stop: StopRequest, hold: contextlib.ExitStack) -> int:
     if dist.is_main():
         write_text(run_dir / "config.yaml", config.dump(cfg))
     wrap(tr, task)
-    monitor = Monitor(run_dir, dist.is_main())
+    monitor = Monitor(run_dir, dist.is_main(), purge_step=tr.step + 1 if resumed else None)
     try:
         info = {"world_size": env.world_size, "ranks_per_node": env.local_world_size, "device": str(env.device),
                 "backend": env.backend, "precision": t.precision, **task.describe(tr.model)}
@@ -498,41 +554,48 @@ def _run(task: Task, stop: StopRequest, hold: contextlib.ExitStack) -> int:
         monitor.close()
 
 
+STOP_CHECK_STEPS = 10  # a signal is acted on within this many steps (or at the next log step, if sooner)
+
+
+def sync_due(task: Task, step: int, total_steps: int) -> bool:
+    """Whether the host reads the device after `step`: to log, evaluate, save, or check for a stop signal.
+    No other step waits for the device; every rank reaches the same answer."""
+    cfg = task.cfg
+    return (step == total_steps or due(step, cfg.log.every_steps) or due(step, cfg.checkpoint.every_steps)
+            or task.eval_due(step) or due(step, STOP_CHECK_STEPS))
+
+
 def _loop(task: Task, tr: TrainState, loader: Any, total_steps: int, monitor: Monitor, stop: StopRequest,
           resumed: bool) -> int:
     """One optimizer step per global batch, with monitoring, evaluation and checkpoints, then the final save."""
     cfg, env, t = task.cfg, task.env, task.cfg.train
     last_saved = tr.step if resumed else -1
-    nonfinite_run = 0
-    logger = Logger(monitor, env.device.type == "cuda", tr.step)
+    logger = Logger(monitor, env.device, tr.step, total_steps)
     stopping = False
     batches_left = batches(loader, tr.epoch, tr.batch) if tr.step < total_steps else iter(())
     for epoch, index, batch in batches_left:
         for g in tr.optimizer.param_groups:
             g["lr"] = lr_at(tr.step, total_steps, t)
         losses, grad_norm = backward(tr, task, batch, logger.stats)
-        finite_grads = bool(torch.isfinite(grad_norm))
-        bad, overflow, stopping = dist.any_rank(not bool(torch.isfinite(losses).all()) or (
-            not finite_grads and not tr.scaler.is_enabled()), not finite_grads, stop.signal is not None)
 
-        # Skip a step with a non-finite loss or gradient on any rank; too many in a row ends the run. With
-        # fp16, infinite gradients are the GradScaler's routine overflow: skipped, but not counted.
-        update(tr, apply=not bad and not overflow)
-        nonfinite_run = nonfinite_run + 1 if bad else 0
-        logger.nonfinite_total += bad
-        logger.overflow_total += overflow and not bad
-        if nonfinite_run > t.max_nonfinite:
-            raise FloatingPointError(
-                f"{nonfinite_run} non-finite losses in a row at step {tr.step}; stopping with the last good "
-                f"checkpoint intact (lower train.lr, use bf16, or raise train.max_nonfinite)")
+        # Skip a step with a non-finite loss or gradient on any rank, decided on the device; too many in a row
+        # ends the run (checked at the next sync point, before any save). With fp16, infinite gradients are
+        # the GradScaler's routine overflow: skipped, but not counted.
+        flags = step_flags(losses, grad_norm, tr.scaler.is_enabled())
+        update(tr, flags.any())
+        logger.record(losses, flags)
         tr.advance(t.global_batch, epoch, index, loader.batches_per_epoch)
+        if not sync_due(task, tr.step, total_steps):
+            continue
 
         # Monitoring, periodic evaluation and checkpoints.
-        if tr.step % cfg.log.every_steps == 0 or tr.step == total_steps:
-            logger.log(tr, epoch, losses, grad_norm, t.global_batch)
+        logger.check(tr.step, t.max_nonfinite)
+        stopping = dist.any_rank(stop.signal is not None)
+        if due(tr.step, cfg.log.every_steps) or tr.step == total_steps:
+            logger.log(tr, epoch, grad_norm, t.global_batch, t.max_nonfinite)
         if task.eval_due(tr.step):
             task.evaluate(tr.step, tr.ema.model, monitor)
-        if tr.step % cfg.checkpoint.every_steps == 0 or tr.step == total_steps or stopping:
+        if due(tr.step, cfg.checkpoint.every_steps) or tr.step == total_steps or stopping:
             save(tr, task)
             last_saved = tr.step
         if stopping or tr.step >= total_steps:

@@ -141,10 +141,11 @@ class DiffusionTask:
         drop = torch.rand(x0.shape[0], generator=generator, device=self.env.device) < self.cfg.train.cond_drop
         loss, per_example, t = self.diffusion.loss(lambda x_t, tt: model(x_t, tt, cond, drop), x0,
                                                    generator=generator)
+        # Per-quartile sums by a one-hot product rather than boolean indexing, which would wait for the device.
         quartile = (t * 4) // self.cfg.diffusion.timesteps
-        stats = {f"loss_by_t/q{q + 1}": (per_example.detach()[quartile == q].float().sum(),
-                                         (quartile == q).sum()) for q in range(4)}
-        return loss, stats
+        onehot = (quartile[:, None] == torch.arange(4, device=t.device)).float()
+        sums, counts = (per_example.detach().float()[:, None] * onehot).sum(0), onehot.sum(0)
+        return loss, {f"loss_by_t/q{q + 1}": (sums[q], counts[q]) for q in range(4)}
 
     def eval_due(self, step: int) -> bool:
         return loop.due(step, self.cfg.sample.every_steps) or loop.due(step, self.cfg.eval.every_steps)

@@ -89,3 +89,116 @@ def test_deterministic_mode_lasts_for_the_run_only(monkeypatch):
         assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
     assert not torch.are_deterministic_algorithms_enabled() and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+
+
+# Calls that make the host wait for the device (on a GPU); on the CPU they are counted instead.
+HOST_READS = {"item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__", "__format__",
+              "nonzero", "masked_select", "unique", "bincount"}
+
+
+def _bool_index(index):
+    import torch
+
+    parts = index if isinstance(index, tuple) else (index,)
+    return any(isinstance(p, torch.Tensor) and p.dtype == torch.bool for p in parts)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_a_step_that_does_not_log_save_or_evaluate_reads_nothing_back_from_the_device(
+        shards_dir, tmp_path, monkeypatch, precision):
+    from torch.overrides import TorchFunctionMode
+
+    from ddpdiff import dist, train
+
+    reads: list[tuple[int, str]] = []
+    current = [0]  # the step being taken, from the start of its backward to the start of the next one
+
+    class HostReads(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            name = getattr(func, "__name__", "")
+            if current[0] and (name in HOST_READS or name == "__getitem__" and _bool_index(args[1])):
+                reads.append((current[0], name))
+            return func(*args, **(kwargs or {}))
+
+    def counted(fn, name):
+        def wrapper(*args, **kwargs):
+            if current[0]:
+                reads.append((current[0], name))
+            return fn(*args, **kwargs)
+        return wrapper
+
+    for name in ("any_rank", "all_sum", "all_mean", "from_main", "all_equal"):  # collectives answered on the host
+        monkeypatch.setattr(dist, name, counted(getattr(dist, name), f"dist.{name}"))
+    backward = loop.backward
+
+    def step_start(tr, *args):
+        current[0] = tr.step + 1
+        return backward(tr, *args)
+
+    monkeypatch.setattr(loop, "backward", step_start)
+    with HostReads():
+        assert train.main(["--config", str(CONFIGS / "smoke.yaml"), "--data.shards", str(shards_dir),
+                           "--run.dir", str(tmp_path / "run"), "--train.max_steps", "7", "--train.micro_batch", "3",
+                           "--train.precision", precision, "--log.every_steps", "100",
+                           "--checkpoint.every_steps", "100"]) == 0
+    assert {s for s, _ in reads} >= {7}, "the counter saw the log step's reads"  # it can see them
+    assert [(s, name) for s, name in reads if s != 7] == []  # steps 1-6 neither log, save, evaluate nor check stops
+
+
+def test_no_sync_reaches_a_compiled_ddp_module(tmp_path):
+    import torch
+    import torch.distributed as tdist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    tdist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ddp = DDP(torch.nn.Linear(2, 2))
+        compiled = torch.compile(ddp)  # compiles lazily: nothing runs here
+        assert not isinstance(compiled, DDP)
+        with loop.ddp_sync(compiled, sync=False):
+            assert not ddp.require_backward_grad_sync
+        with loop.ddp_sync(compiled, sync=True):
+            assert ddp.require_backward_grad_sync
+    finally:
+        tdist.destroy_process_group()
+
+
+def test_ddp_searches_unused_parameters_only_where_runs_are_bitwise():
+    from types import SimpleNamespace
+
+    import torch
+
+    def options(backend, deterministic, model=None, world=4):
+        model = model or torch.nn.Linear(2, 2)
+        cfg = config.load(CONFIGS / "smoke.yaml", ["--train.deterministic", str(deterministic).lower()])
+        return loop.ddp_options(model, SimpleNamespace(cfg=cfg, env=SimpleNamespace(world_size=world, backend=backend)))
+
+    assert options("gloo", False) == options("nccl", True) == {"find_unused_parameters": True}
+    fast = {"static_graph": True, "gradient_as_bucket_view": True, "broadcast_buffers": False}
+    assert options("nccl", False) == options("gloo", False, world=2) == fast
+    assert options("nccl", False, model=torch.nn.BatchNorm2d(2))["broadcast_buffers"]  # running statistics
+
+
+def test_the_logged_loss_is_the_mean_since_the_last_log_line_without_skipped_steps():
+    from types import SimpleNamespace
+
+    import torch
+
+    logged = []
+    monitor = SimpleNamespace(scalars=lambda step, values, **kw: logged.append((step, values, kw)))
+    logger = loop.Logger(monitor, torch.device("cpu"), step=0, total=10)
+    tr = SimpleNamespace(step=0, samples_seen=0, optimizer=SimpleNamespace(param_groups=[{"lr": 0.1}]),
+                         scaler=torch.amp.GradScaler("cpu", enabled=False))
+    ok, bad = torch.tensor([False, False]), torch.tensor([True, False])
+    for losses, flags in (([1.0, 3.0], ok), ([float("nan"), 1.0], bad), ([4.0], ok), ([6.0], ok)):
+        logger.record(torch.tensor(losses), flags)
+        tr.step += 1
+        if tr.step in (2, 4):
+            logger.log(tr, 0, torch.tensor(1.0), 8, max_nonfinite=5)
+    (s2, first, kw), (s4, second, _) = logged
+    assert (s2, first["train/loss"], first["train/nonfinite_steps"]) == (2, 2.0, 1)  # step 2 skipped: mean of 2
+    assert (s4, second["train/loss"]) == (4, 5.0)  # (4 + 6) / 2: only steps 3 and 4
+    assert kw["total"] == 10 and kw["eta_s"] >= 0
+    logger.record(torch.tensor([float("nan")]), bad)
+    with pytest.raises(FloatingPointError, match="1 non-finite losses in a row"):
+        logger.check(5, max_nonfinite=0)

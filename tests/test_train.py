@@ -531,3 +531,20 @@ def test_ranks_whose_launcher_was_killed_save_and_stop(shards_dir, tmp_path):
         proc.communicate()
     assert not alive, f"orphan ranks still running: {alive}"
     assert _final(run)["step"] >= 2  # they stopped the usual way: one agreed step, saved
+
+
+def test_a_resume_leaves_each_step_once_in_tensorboard_and_the_log_shows_the_total(shards_dir, tmp_path, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    args = _args(shards_dir, run, "--log.every_steps", 1, "--checkpoint.every_steps", 3, "--checkpoint.keep", 3)
+    assert train.main(args + ["--train.max_steps", "5"]) == 0  # logs steps 1-5, saves 3 and 5
+    last = checkpoint.path_for(run, 5)
+    for p in (last, last.with_name(last.name + ".sha256")):  # as if killed after logging 4 and 5
+        p.unlink()
+    assert train.main(args + ["--train.max_steps", "6"]) == 0  # resumes at 3: logs 4-6 again
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert lines[0].startswith("step 1 of 5 ") and lines[-1].startswith("step 6 of 6 ")
+    assert all(" eta=" in line for line in lines) and lines[-1].endswith(" eta=0:00:00")
+    events = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0}).Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]

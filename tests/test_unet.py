@@ -179,3 +179,37 @@ def test_overfits_one_batch():
     _, _, cond = inputs()
     losses = overfit_losses(model, cond, SIZE, lr=3e-3, steps=20)
     assert losses[-1] < losses[0] / 10
+
+
+def test_token_states_come_padded_to_a_bucket_and_the_output_is_that_of_per_batch_padding():
+    from ddpdiff import conditioning
+
+    model = tiny()
+    x, t, cond = inputs(length=5)
+    batch = {"clip_text": cond["pooled"], "tokens": cond["tokens"], "token_mask": cond["mask"]}
+    bucketed = conditioning.from_batch(batch, True, "cpu")
+    assert bucketed["tokens"].shape[1] == bucketed["mask"].shape[1] == conditioning.TOKEN_BUCKET
+    assert not bucketed["mask"][:, 5:].any() and torch.equal(bucketed["mask"][:, :5], cond["mask"])
+    full = dict(cond, tokens=torch.nn.functional.pad(cond["tokens"], (0, 0, 0, 72)),
+                mask=torch.nn.functional.pad(cond["mask"], (0, 72)))  # CLIP's 77
+    ref = model(x, t, cond, no_drop())
+    torch.testing.assert_close(model(x, t, bucketed, no_drop()), ref)
+    torch.testing.assert_close(model(x, t, full, no_drop()), ref)
+
+
+def test_group_norm_runs_in_the_autocast_dtype_within_its_tolerance_and_is_the_unets():
+    from ddpdiff.models.layers import GroupNorm
+
+    norm = GroupNorm(4, 16)
+    with torch.no_grad():
+        norm.weight.normal_(), norm.bias.normal_()
+    reference = torch.nn.GroupNorm(4, 16)
+    reference.load_state_dict(norm.state_dict())
+    x = 3 + 2 * torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(norm(x), reference(x))  # fp32: nn.GroupNorm itself
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # CUDA's autocast would run nn.GroupNorm in float32
+        out = norm(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), reference(x), atol=0.05, rtol=0.02)  # bf16: 8 bits of mantissa
+    norms = [m for m in tiny().modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and all(isinstance(m, GroupNorm) for m in norms)

@@ -20,7 +20,9 @@ checkpointing is not counted, so it shows as lower MFU. Peak: `--peak-tflops`, b
 dense bf16/fp16) on CUDA with bf16 or fp16; otherwise MFU is null unless the flag is given. Memory is
 torch.cuda.max_memory_allocated over the timed steps on a GPU, the process's max RSS on the CPU (a
 high-water mark over the whole process: with `--grad-checkpointing both` the checkpointed variant runs
-first, so each figure is its own). Prints progress to stderr and one JSON object to stdout (and `--json`).
+first, so each figure is its own). On CUDA, `host_syncs_per_step` counts the host-device synchronisations
+that `torch.cuda.set_sync_debug_mode` reports inside the timed steps (the target is 0). Prints progress to
+stderr and one JSON object to stdout (and `--json`).
 
 `--reference diffusers` also times diffusers' `UNet2DConditionModel` built to the config's U-Net
 (`reference_unet`: the same widths, residual blocks per level, scale-shift time embedding, pooled CLIP
@@ -34,6 +36,7 @@ TFLOP/s ratio is the one at equal work. Memory is then the two models' together.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import math
@@ -44,6 +47,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -170,6 +174,23 @@ def max_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+@contextlib.contextmanager
+def syncs_counted(enabled: bool):
+    """The host-device synchronisations inside the block, as CUDA's sync debug mode reports them (a list of
+    warnings; empty when not `enabled`)."""
+    if not enabled:
+        yield []
+        return
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield seen
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    seen[:] = [w for w in seen if "synchroniz" in str(w.message)]
+
+
 class Stepper:
     """One task's training state and batches, stepped one training step at a time (so two can interleave):
     the loop's own backward and update for one rank (no DDP, no logging, no checkpoints)."""
@@ -179,7 +200,7 @@ class Stepper:
         self.tr = loop.setup(task)
         loop.wrap(self.tr, task)
         self.data = loop.batches(loader, 0, 0)
-        self.times, self.nonfinite, self.stats, self.step_index = [], 0, {}, 0
+        self.times, self.nonfinite, self.stats, self.step_index, self.syncs = [], 0, {}, 0, 0
 
     def step(self, timed: bool) -> None:
         if self.cuda:
@@ -187,10 +208,12 @@ class Stepper:
         start = time.perf_counter()
         _, _, batch = next(self.data)
         self.tr.step = self.step_index
-        losses, grad_norm = loop.backward(self.tr, self.task, batch, self.stats)
-        finite = bool(torch.isfinite(losses).all()) and bool(torch.isfinite(grad_norm))
-        loop.update(self.tr, apply=finite)
-        self.nonfinite += not finite
+        with syncs_counted(self.cuda and timed) as seen:
+            losses, grad_norm = loop.backward(self.tr, self.task, batch, self.stats)
+            flags = loop.step_flags(losses, grad_norm, self.tr.scaler.is_enabled())
+            loop.update(self.tr, flags.any())
+            self.nonfinite = self.nonfinite + flags.any().int()  # on the device, read once at the end
+        self.syncs += len(seen)
         if self.cuda:
             torch.cuda.synchronize()
         if timed:
@@ -200,9 +223,12 @@ class Stepper:
     def result(self) -> dict:
         median = statistics.median(self.times)
         t = self.task.cfg.train
-        return {"grad_checkpointing": t.grad_checkpointing, "step_s_median": median, "step_s_min": min(self.times),
-                "step_s_max": max(self.times), "images_per_s": t.global_batch / median,
-                "nonfinite_steps": self.nonfinite}
+        result = {"grad_checkpointing": t.grad_checkpointing, "step_s_median": median, "step_s_min": min(self.times),
+                  "step_s_max": max(self.times), "images_per_s": t.global_batch / median,
+                  "nonfinite_steps": int(self.nonfinite)}
+        if self.cuda:
+            result["host_syncs_per_step"] = self.syncs / len(self.times)  # the target is 0
+        return result
 
 
 def model_size(task: DiffusionTask, tokens: int) -> tuple[int, int]:

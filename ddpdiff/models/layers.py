@@ -10,9 +10,22 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 
-def norm(channels: int) -> nn.GroupNorm:
+class GroupNorm(nn.GroupNorm):
+    """GroupNorm that runs in the autocast dtype (as timm's fast norm does) instead of the float32 that autocast
+    gives `group_norm`: half the activation memory and traffic; the kernels keep float32 statistics. Outside
+    autocast it is nn.GroupNorm, with the same parameters (checkpoints are unchanged)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_autocast_enabled(x.device.type):
+            return super().forward(x)
+        dtype = torch.get_autocast_dtype(x.device.type)
+        with torch.autocast(x.device.type, enabled=False):
+            return F.group_norm(x.to(dtype), self.num_groups, self.weight.to(dtype), self.bias.to(dtype), self.eps)
+
+
+def norm(channels: int) -> GroupNorm:
     """GroupNorm with up to 32 groups (fewer for narrow test models)."""
-    return nn.GroupNorm(math.gcd(32, channels), channels)
+    return GroupNorm(math.gcd(32, channels), channels)
 
 
 def zero_init(module: nn.Module) -> nn.Module:
