@@ -4,21 +4,19 @@ import dataclasses
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
-from pathlib import Path
 
+import conftest
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import CONFIGS
 
 from ddpdiff import checkpoint, config, data, dist, loop, train
 from ddpdiff.celeba import ATTRIBUTES
 from ddpdiff.models import DenoiserMeta
 from ddpdiff.pipeline import Pipeline
-
-from conftest import CONFIGS
 
 SMOKE = str(CONFIGS / "smoke.yaml")
 
@@ -27,46 +25,13 @@ def _args(shards, run_dir, *extra):
     return ["--config", SMOKE, "--data.shards", str(shards), "--run.dir", str(run_dir), *map(str, extra)]
 
 
-def _torchrun(nproc, args, **kw):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_port", str(29500 + os.getpid() % 1000), "-m", "ddpdiff.train", *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, **kw)
+def _torchrun(procs, nproc, args, launcher=()):
+    return procs.torchrun(nproc, ["ddpdiff.train", *args], launcher=launcher)
 
 
-def _descendants(pid):
-    """All processes below pid (torchrun starts its workers in sessions of their own)."""
-    children = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def _running(pid):
-    """Whether a process exists and has not exited (an exited orphan may stay a zombie in a container)."""
-    try:
-        return "(zombie)" not in Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return False
-
-
-def _kill_tree(pid):
-    """SIGKILL a job and every process it started, as a lost node would."""
-    for p in [pid, *_descendants(pid)]:
-        try:
-            os.kill(p, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+def _ranks(proc):
+    """The training ranks below a torchrun agent (its workers, in sessions of their own)."""
+    return [pid for pid in proc.pids() if pid != proc.pid]
 
 
 def _final(run_dir):
@@ -188,10 +153,10 @@ def test_config_problems_are_reported_together_before_training(shards_dir, tmp_p
 
 
 @pytest.mark.slow
-def test_two_rank_ddp_run_completes(shards_dir, tmp_path):
+def test_two_rank_ddp_run_completes(shards_dir, tmp_path, procs):
     run = tmp_path / "ddp"
-    proc = _torchrun(2, _args(shards_dir, run))
-    out, _ = proc.communicate(timeout=300)
+    proc = _torchrun(procs, 2, _args(shards_dir, run))
+    out = proc.wait(timeout=300)
     assert proc.returncode == 0, out
     assert "world_size=2" in out and "backend=gloo" in out
     assert out.count("ddpdiff world_size") == 1  # only rank 0 logs
@@ -199,56 +164,65 @@ def test_two_rank_ddp_run_completes(shards_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_global_batch_that_does_not_divide_by_the_ranks_trains(shards_dir, tmp_path):
+def test_a_global_batch_that_does_not_divide_by_the_ranks_trains(shards_dir, tmp_path, procs):
     run = tmp_path / "three"
-    proc = _torchrun(3, _args(shards_dir, run, "--train.max_steps", 3))  # global batch 8 = 3 + 3 + 2
-    out, _ = proc.communicate(timeout=300)
+    proc = _torchrun(procs, 3, _args(shards_dir, run, "--train.max_steps", 3))  # global batch 8 = 3 + 3 + 2
+    out = proc.wait(timeout=300)
     assert proc.returncode == 0, out
     assert "world_size=3" in out and "global batch 8 (3 on rank 0" in out
     assert _final(run)["step"] == 3
 
 
-@pytest.mark.slow
-def test_sigkill_at_any_point_then_resume_is_bitwise_identical(shards_dir, tmp_path):
-    steps = ("--train.max_steps", 24, "--train.global_batch", 16, "--checkpoint.every_steps", 4,
-             "--checkpoint.keep", 3)
-    reference = tmp_path / "reference"
-    proc = _torchrun(2, _args(shards_dir, reference, *steps))
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out
-
-    run = tmp_path / "killed"
-    proc = _torchrun(2, _args(shards_dir, run, *steps))
-    marker = checkpoint.path_for(run, 4).with_name("step_00000004.pt.sha256")
-    deadline = time.time() + 240
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+def _wait_for(path, proc, timeout):
+    """Wait until `path` exists; fails the test if proc ends or the deadline passes first."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.returncode is None and time.monotonic() < deadline, f"no {path}; output:\n{proc.output}"
         time.sleep(0.01)
-    _kill_tree(proc.pid)
-    proc.communicate()
-    assert not checkpoint.path_for(run, 24).exists(), "the run finished before it could be killed"
 
-    proc = _torchrun(2, _args(shards_dir, run, *steps))
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out
-    assert "resumed from" in out
+
+def _assert_same_end_state(reference, run):
     a, b = _final(reference), _final(run)
     for key in ("model", "ema", "optimizer", "step", "epoch", "batch", "samples_seen"):
         _assert_same_tensors(a[key], b[key], key)
 
 
+KILLED_RUN = ("--train.max_steps", 24, "--train.global_batch", 16, "--checkpoint.every_steps", 4,
+              "--checkpoint.keep", 3)
+
+
+@pytest.mark.slow
+def test_sigkill_at_any_point_then_resume_is_bitwise_identical(shards_dir, tmp_path, procs):
+    """3 ranks, where DDP's gradient buckets need not meet in rank order; the reference is an uninterrupted
+    3-rank run."""
+    reference = tmp_path / "reference"
+    proc = _torchrun(procs, 3, _args(shards_dir, reference, *KILLED_RUN))
+    assert proc.wait(timeout=300) and proc.returncode == 0, proc.output
+
+    run = tmp_path / "killed"
+    proc = _torchrun(procs, 3, _args(shards_dir, run, *KILLED_RUN))
+    _wait_for(checkpoint.path_for(run, 4).with_name("step_00000004.pt.sha256"), proc, 240)
+    proc.kill()  # every rank and the agent at once, as a lost node
+    assert not checkpoint.path_for(run, 24).exists(), "the run finished before it could be killed"
+
+    proc = _torchrun(procs, 3, _args(shards_dir, run, *KILLED_RUN))
+    out = proc.wait(timeout=300)
+    assert proc.returncode == 0, out
+    assert "resumed from" in out
+    _assert_same_end_state(reference, run)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 2])
-def test_sigterm_makes_every_rank_checkpoint_and_the_same_command_resumes(shards_dir, tmp_path, workers):
+def test_sigterm_makes_every_rank_checkpoint_and_the_same_command_resumes(shards_dir, tmp_path, workers, procs):
     """The signal goes to the whole process group, as SLURM's does: loader workers too, which must leave the
     decision to their rank instead of dying and failing it."""
     args = _args(shards_dir, tmp_path / "run", "--data.workers", workers, "--train.max_steps", 100000,
                  "--checkpoint.every_steps", 100000, "--log.every_steps", 1)
-    proc = _torchrun(2, args)
-    for line in proc.stdout:
-        if line.startswith("step 3 "):
-            break
+    proc = _torchrun(procs, 2, args)
+    proc.read_until("^step 3 ", timeout=240)
     os.killpg(proc.pid, signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
+    out = proc.wait(timeout=120)
     assert "stopped by signal SIGTERM" in out and "exited unexpectedly" not in out, out
     saved = _final(tmp_path / "run")["step"]
     assert 3 <= saved < 100000
@@ -270,11 +244,11 @@ def test_corrupt_newest_checkpoint_is_reported_and_the_previous_used(shards_dir,
 
 
 @pytest.mark.slow
-def test_a_rank_that_raises_takes_the_job_down(shards_dir, tmp_path):
+def test_a_rank_that_raises_takes_the_job_down(shards_dir, tmp_path, procs):
     blocker = tmp_path / "not_a_dir"
     blocker.write_text("")
-    proc = _torchrun(2, _args(shards_dir, blocker / "run"))  # rank 0 cannot write its run directory
-    out, _ = proc.communicate(timeout=300)
+    proc = _torchrun(procs, 2, _args(shards_dir, blocker / "run"))  # rank 0 cannot write its run directory
+    out = proc.wait(timeout=300)
     assert proc.returncode != 0
     assert "NotADirectoryError" in out or "FileExistsError" in out, out
 
@@ -293,21 +267,14 @@ def test_token_model_refuses_shards_without_token_states(celeba_root, tmp_path, 
 
 
 @pytest.mark.slow
-def test_a_rank_stuck_in_a_collective_fails_the_job_within_the_timeout(shards_dir, tmp_path):
-    proc = _torchrun(2, _args(shards_dir, tmp_path / "run", "--train.max_steps", 100000, "--log.every_steps", 1,
-                              "--checkpoint.every_steps", 100000, "--dist.timeout_s", 5))
-    for line in proc.stdout:
-        if line.startswith("step 2 "):
-            break
-    workers = [p for p in _descendants(proc.pid) if p != proc.pid]
-    os.kill(workers[-1], signal.SIGSTOP)  # alive but silent: the other rank waits in its next all-reduce
-    started = time.time()
-    try:
-        out, _ = proc.communicate(timeout=120)
-    finally:
-        _kill_tree(proc.pid)
+def test_a_rank_stuck_in_a_collective_fails_the_job_within_the_timeout(shards_dir, tmp_path, procs):
+    proc = _torchrun(procs, 2, _args(shards_dir, tmp_path / "run", "--train.max_steps", 100000,
+                                     "--log.every_steps", 1, "--checkpoint.every_steps", 100000,
+                                     "--dist.timeout_s", 5))
+    proc.read_until("^step 2 ", timeout=240)
+    os.kill(_ranks(proc)[-1], signal.SIGSTOP)  # alive but silent: the other rank waits in its next all-reduce
+    out = proc.wait(timeout=90)
     assert proc.returncode != 0
-    assert time.time() - started < 90
     assert "timed out" in out.lower() or "timeout" in out.lower(), out[-3000:]
 
 
@@ -457,77 +424,51 @@ def test_no_usable_checkpoint_refuses_the_run_unless_fresh(shards_dir, tmp_path,
     assert _final(run)["step"] == 2
 
 
-def _single(args, **kw):
-    cmd = [sys.executable, "-m", "ddpdiff.train", *args]
-    return subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
-
-
-def _read_until(proc, prefix, timeout=120):
-    """Lines of proc's output up to the first that starts with `prefix` (killing proc if it never comes)."""
-    deadline, lines = time.monotonic() + timeout, []
-    for line in proc.stdout:
-        lines.append(line)
-        if line.startswith(prefix):
-            return lines
-        if time.monotonic() > deadline:
-            break
-    proc.kill()
-    raise AssertionError(f"no line starting with {prefix!r}:\n{''.join(lines)}")
+def _single(procs, args):
+    return procs.start([sys.executable, "-m", "ddpdiff.train", *args])
 
 
 @pytest.mark.slow
-def test_a_stopped_run_exits_75_and_a_second_run_on_its_directory_is_refused(shards_dir, tmp_path, capsys):
+def test_a_stopped_run_exits_75_and_a_second_run_on_its_directory_is_refused(shards_dir, tmp_path, capsys,
+                                                                            procs):
     run = tmp_path / "run"
-    proc = _single(_args(shards_dir, run, "--train.max_steps", 100000, "--log.every_steps", 1))
-    try:
-        _read_until(proc, "step 2 ")
-        assert train.main(_args(shards_dir, run, "--train.max_steps", 100000)) == 2
-        err = capsys.readouterr().err
-        assert f"in use by another run (pid {proc.pid} on " in err and err.strip().count("\n") == 0
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
+    proc = _single(procs, _args(shards_dir, run, "--train.max_steps", 100000, "--log.every_steps", 1))
+    proc.read_until("^step 2 ", timeout=240)
+    assert train.main(_args(shards_dir, run, "--train.max_steps", 100000)) == 2
+    err = capsys.readouterr().err
+    assert f"in use by another run (pid {proc.pid} on " in err and err.strip().count("\n") == 0
+    os.kill(proc.pid, signal.SIGTERM)
+    out = proc.wait(timeout=120)
     assert proc.returncode == 75 and "checkpoint saved, the same command resumes" in out, out
     assert _final(run)["step"] >= 2
 
 
 @pytest.mark.slow
-def test_a_signal_before_the_first_step_ends_cleanly(shards_dir, tmp_path):
+def test_a_signal_before_the_first_step_ends_cleanly(shards_dir, tmp_path, procs):
     """The handler is installed before any work: here the signal lands during the step-0 sample grid (seconds of
     sampling right after the line the test waits for)."""
     run = tmp_path / "run"
-    proc = _single(_args(shards_dir, run, "--sample.every_steps", 3, "--sample.steps", 100,
-                         "--sample.num_prompts", 4))
-    try:
-        _read_until(proc, "training to step")
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
+    proc = _single(procs, _args(shards_dir, run, "--sample.every_steps", 3, "--sample.steps", 100,
+                                "--sample.num_prompts", 4))
+    proc.read_until("^training to step", timeout=240)
+    os.kill(proc.pid, signal.SIGTERM)
+    out = proc.wait(timeout=120)
     assert proc.returncode == 75 and "before step 1; nothing new to save" in out and "Traceback" not in out, out
     assert checkpoint.candidates(run) == []
 
 
 @pytest.mark.slow
-def test_ranks_whose_launcher_was_killed_save_and_stop(shards_dir, tmp_path):
+def test_ranks_whose_launcher_was_killed_save_and_stop(shards_dir, tmp_path, procs):
     run = tmp_path / "run"
-    proc = _torchrun(2, _args(shards_dir, run, "--train.max_steps", 100000, "--checkpoint.every_steps", 100000,
-                              "--log.every_steps", 1))
-    ranks = []
-    try:
-        _read_until(proc, "step 2 ")
-        ranks = _descendants(proc.pid)
-        assert len(ranks) >= 2
-        os.kill(proc.pid, signal.SIGKILL)  # the agent alone, as when its node's launcher is lost
-        deadline = time.monotonic() + 120
-        while any(map(_running, ranks)) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        alive = [pid for pid in ranks if _running(pid)]
-    finally:
-        for pid in [proc.pid, *ranks]:  # orphans are no longer below the agent
-            _kill_tree(pid)
-        proc.communicate()
+    proc = _torchrun(procs, 2, _args(shards_dir, run, "--train.max_steps", 100000, "--checkpoint.every_steps",
+                                     100000, "--log.every_steps", 1))
+    proc.read_until("^step 2 ", timeout=240)
+    ranks = _ranks(proc)
+    assert len(ranks) >= 2
+    os.kill(proc.pid, signal.SIGKILL)  # the agent alone, as when its node's launcher is lost
+    deadline = time.monotonic() + 120
+    while any(map(conftest.running, ranks)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    alive = [pid for pid in ranks if conftest.running(pid)]
     assert not alive, f"orphan ranks still running: {alive}"
     assert _final(run)["step"] >= 2  # they stopped the usual way: one agreed step, saved
