@@ -2,6 +2,8 @@ import io
 import json
 import re
 import subprocess
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -385,3 +387,20 @@ def test_unusable_samples_are_replaced_alike_in_worker_processes(damaged):
     _assert_same(list(pool.epoch(0)), list(single.epoch(0)))
     assert sorted(pool.bad) == sorted(single.bad) and len(pool.bad) == len(lines)
 
+
+def _hang(sample: dict, rng: np.random.Generator) -> dict:
+    """A map_sample that never returns: a worker stuck as on a stalled filesystem."""
+    threading.Event().wait()
+    return sample
+
+
+def test_a_hung_worker_fails_the_rank_within_timeout_s_with_one_line(shards_dir):
+    loader = Loader(shards_dir, batch_size=2, workers=1, timeout_s=5, map_sample=_hang)
+    started = time.monotonic()
+    with pytest.raises(DataError) as e:
+        next(loader.epoch(0))
+    assert str(e.value) == ("no batch from the 1 loader worker(s) within timeout_s=5 s (data.timeout_s): a worker "
+                            "hangs, e.g. reading a shard on a stalled filesystem")
+    assert 5 <= time.monotonic() - started < 60
+    with pytest.raises(DataError, match=r"^Loader: timeout_s must be >= 0, got -1$"):
+        Loader(shards_dir, batch_size=2, workers=1, timeout_s=-1)

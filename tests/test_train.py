@@ -230,6 +230,23 @@ def test_sigterm_makes_every_rank_checkpoint_and_the_same_command_resumes(shards
     assert code == 0 and _final(tmp_path / "run")["step"] == saved + 2
 
 
+def test_data_verify_and_max_bad_reach_the_training_loader(damaged, tmp_path, capsys):
+    shards, lines = damaged  # one unusable sample the index scan finds, three more met while reading
+    assert train.main(_args(shards, tmp_path / "strict", "--data.max_bad", 0)) == 2
+    err = capsys.readouterr().err.strip()
+    assert "error: 1 unusable sample, more than max_bad=0: " in err and err.count("\n") == 0
+    flipped = shards / "train" / "train-000001.tar"
+    data = bytearray(flipped.read_bytes())
+    data[3000] ^= 0xFF  # inside a JPEG the diffusion trainer never decodes: only the checksum can tell
+    flipped.write_bytes(bytes(data))
+    assert train.main(_args(shards, tmp_path / "verified", "--data.verify", "true")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "error: 2 shards of split 'train' differ from manifest.json: " in err and err.count("\n") == 0
+    assert f"{flipped}: sha256 " in err and "train-000000.tar: sha256 " in err  # the damaged one's too
+    assert not checkpoint.candidates(tmp_path / "verified")
+    assert train.main(_args(shards, tmp_path / "default", "--train.max_steps", 1)) == 0  # max_bad 10, no verify
+
+
 @pytest.mark.slow
 def test_corrupt_newest_checkpoint_is_reported_and_the_previous_used(shards_dir, tmp_path, capsys):
     run = tmp_path / "run"
