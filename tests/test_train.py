@@ -6,6 +6,7 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 import conftest
 import pytest
@@ -209,6 +210,40 @@ def test_sigkill_at_any_point_then_resume_is_bitwise_identical(shards_dir, tmp_p
     out = proc.wait(timeout=300)
     assert proc.returncode == 0, out
     assert "resumed from" in out
+    _assert_same_end_state(reference, run)
+
+
+def _rank_pid(proc, rank):
+    """The pid of one training rank below a torchrun agent, by the RANK torchrun gave it."""
+    for pid in _ranks(proc):
+        try:
+            if f"RANK={rank}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                return pid
+        except OSError:
+            continue
+    raise AssertionError(f"no rank {rank} below torchrun {proc.pid}; output:\n{proc.output}")
+
+
+@pytest.mark.slow
+def test_torchrun_max_restarts_restarts_a_killed_rank_and_resumes_bitwise_identically(shards_dir, tmp_path, procs):
+    """c10d rendezvous on a port of its own (`--standalone`); rank 1 is killed once checkpoint 4 is complete,
+    torchrun stops rank 0 and starts both again, and they resume from the newest checkpoint.
+
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (docs/cluster.md#network): by default torchrun hands every attempt the
+    same store, unprefixed, so the restarted ranks may read the killed attempt's gloo addresses and fail
+    ("Connection refused"): why this test was once dropped as flaky."""
+    reference = tmp_path / "reference"
+    proc = _torchrun(procs, 2, _args(shards_dir, reference, *KILLED_RUN))
+    assert proc.wait(timeout=300) and proc.returncode == 0, proc.output
+
+    run = tmp_path / "restarted"
+    proc = procs.torchrun(2, ["ddpdiff.train", *_args(shards_dir, run, *KILLED_RUN)], launcher=("--max-restarts", 1),
+                          env=dict(os.environ, TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1"))
+    _wait_for(checkpoint.path_for(run, 4).with_name("step_00000004.pt.sha256"), proc, 240)
+    os.kill(_rank_pid(proc, 1), signal.SIGKILL)
+    out = proc.wait(timeout=300)
+    assert proc.returncode == 0, out
+    assert "resumed from" in out and out.count("ddpdiff world_size") == 2, out  # one start, one restart
     _assert_same_end_state(reference, run)
 
 
@@ -489,3 +524,49 @@ def test_ranks_whose_launcher_was_killed_save_and_stop(shards_dir, tmp_path, pro
     alive = [pid for pid in ranks if conftest.running(pid)]
     assert not alive, f"orphan ranks still running: {alive}"
     assert _final(run)["step"] >= 2  # they stopped the usual way: one agreed step, saved
+
+
+def _listening() -> dict[str, tuple[str, int]]:
+    """Listening TCP sockets of this host by inode: (address as /proc/net shows it, port)."""
+    found = {}
+    for name in ("tcp", "tcp6"):
+        for line in Path(f"/proc/net/{name}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A":  # TCP_LISTEN
+                address, port = fields[1].split(":")
+                found[fields[9]] = (address, int(port, 16))
+    return found
+
+
+def _listening_of(pid: int, listening: dict[str, tuple[str, int]]) -> list[tuple[str, int]]:
+    """The listening sockets among a process's open files."""
+    out = []
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:[") and target[8:-1] in listening:
+            out.append(listening[target[8:-1]])
+    return sorted(out)
+
+
+@pytest.mark.slow
+def test_a_run_listens_only_where_torch_distributed_needs_to(shards_dir, tmp_path, procs):
+    """docs/cluster.md#network: torchrun's agent holds the rendezvous store and the ranks' store (MASTER_PORT),
+    each gloo rank one listener on the address its peers reach it at (here the loopback); nothing else (no
+    TensorBoard server, no debug port)."""
+    proc = _torchrun(procs, 2, _args(shards_dir, tmp_path / "run", "--train.max_steps", 100000,
+                                     "--checkpoint.every_steps", 100000, "--log.every_steps", 1))
+    proc.read_until("^step 2 ", timeout=240)
+    listening = _listening()
+    master_port = int(next(v for v in Path(f"/proc/{_rank_pid(proc, 0)}/environ").read_bytes().split(b"\0")
+                           if v.startswith(b"MASTER_PORT="))[12:])
+    agent = _listening_of(proc.pid, listening)
+    assert len(agent) == 2 and ("0" * 32, master_port) in agent, agent  # both stores on every interface (::)
+    for rank in (0, 1):
+        pid = _rank_pid(proc, rank)
+        gloo = _listening_of(pid, listening)
+        assert len(gloo) == 1 and gloo[0][0] == "0100007F", (rank, gloo)  # 127.0.0.1, an ephemeral port
+    others = [pid for pid in proc.pids() if pid not in (proc.pid, _rank_pid(proc, 0), _rank_pid(proc, 1))]
+    assert not [(pid, s) for pid in others if (s := _listening_of(pid, listening))]
