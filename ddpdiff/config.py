@@ -36,6 +36,12 @@ def _f(default: Any, help: str) -> Any:
 class DataConfig:
     shards: str = _f("data/celeba/shards", "shard directory written by tools/make_shards.py (holds manifest.json)")
     workers: int = _f(2, "data loader worker processes per rank")
+    timeout_s: float = _f(600.0, "seconds a rank waits for its next batch from its loader workers before the run "
+                                 "fails (a worker hung, e.g. on a stalled filesystem); 0 waits forever")
+    max_bad: int = _f(10, "unusable samples (bad JPEG, corrupt member) replaced and reported before the run "
+                          "stops with their list; 0: any is an error")
+    verify: bool = _f(False, "check every training shard against manifest.json's sha256 before training (reads "
+                             "all of them, on every rank)")
 
 
 @dataclass

@@ -327,12 +327,14 @@ def update(tr: TrainState, skip: torch.Tensor) -> None:
 
 
 def train_loader(task: Task, **options) -> data.Loader:
-    """This rank's loader over the training split of `data.shards`, in the loop's batches; `options` are the
-    task's own (`tokens`, `extra`, `map_sample`). Pinned batches on a GPU (so copies overlap compute)."""
+    """This rank's loader over the training split of `data.shards`, in the loop's batches, with the data
+    section's `max_bad`, `verify` and `timeout_s`; `options` are the task's own (`tokens`, `extra`,
+    `map_sample`). Pinned batches on a GPU (so copies overlap compute)."""
     cfg, env = task.cfg, task.env
     return data.Loader(cfg.data.shards, split="train", global_batch=cfg.train.global_batch, rank=env.rank,
                        world_size=env.world_size, seed=cfg.train.seed, workers=loader_workers(task),
-                       pin_memory=env.device.type == "cuda", **options)
+                       pin_memory=env.device.type == "cuda", max_bad=cfg.data.max_bad, verify=cfg.data.verify,
+                       timeout_s=cfg.data.timeout_s, **options)
 
 
 def loader_workers(task: Task) -> int:

@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import io
+import itertools
 import os
+import queue
+import re
+import shutil
+import signal
+import subprocess
 import sys
+import tarfile
+import threading
+import time
 from pathlib import Path
+from typing import Self
 
+import numpy as np
 import pytest
 
 # One thread per process: the suite starts several processes on a 2-core machine, and OpenMP threads that
@@ -17,6 +29,139 @@ torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "jobs" / "configs"
+# Every process a test starts carries this variable, with a value of its own, into all it starts in turn:
+# torchrun's workers (which it puts in sessions of their own) and processes orphaned on the way are found by it.
+PROC_TAG = "DDPDIFF_TEST_PROC"
+_tags = itertools.count()
+
+
+def running(pid: int) -> bool:
+    """Whether a process exists and has not exited (an exited orphan may stay a zombie in a container)."""
+    try:
+        return "(zombie)" not in Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+
+
+def _tagged(tag: str) -> list[int]:
+    """Running processes whose environment holds PROC_TAG=tag."""
+    marker, pids = f"{PROC_TAG}={tag}".encode(), []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if marker in environ.read_bytes().split(b"\0") and running(int(environ.parent.name)):
+                pids.append(int(environ.parent.name))
+        except OSError:
+            continue
+    return pids
+
+
+class Proc:
+    """A process a test started, in a session of its own, with stdout and stderr read by a thread so that
+    every read has a deadline."""
+
+    def __init__(self, cmd, env=None, **kw):
+        self.tag = f"{os.getpid()}-{next(_tags)}"
+        env = dict(os.environ if env is None else env, PYTHONUNBUFFERED="1", **{PROC_TAG: self.tag})
+        self.popen = subprocess.Popen(list(map(str, cmd)), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True, start_new_session=True, **kw)
+        self.pid, self.lines = self.popen.pid, []
+        self._queue: queue.Queue = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        for line in self.popen.stdout:
+            self._queue.put(line)
+        self._queue.put(None)
+
+    def _next(self, deadline: float) -> str | None:
+        """The next line, None at the end of the output; raises queue.Empty at the deadline."""
+        line = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+        if line is not None:
+            self.lines.append(line)
+        return line
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    @property
+    def returncode(self) -> int | None:
+        return self.popen.poll()
+
+    def read_until(self, pattern: str, timeout: float) -> str:
+        """The output up to the first line matching `pattern` (a regex, searched); fails the test with what was
+        read if the output ends or the deadline passes first."""
+        deadline, start = time.monotonic() + timeout, len(self.lines)
+        try:
+            while (line := self._next(deadline)) is not None:
+                if re.search(pattern, line):
+                    return "".join(self.lines[start:])
+            why = "the output ended"
+        except queue.Empty:
+            why = f"none came within {timeout:g} s"
+        raise AssertionError(f"no line matching {pattern!r} ({why}); output:\n{self.output[-5000:]}")
+
+    def wait(self, timeout: float) -> str:
+        """All the output once the process has ended; fails the test with what was read if it runs past the
+        deadline (the `procs` fixture kills it)."""
+        deadline = time.monotonic() + timeout
+        try:
+            while self._next(deadline) is not None:
+                pass
+            self.popen.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except (queue.Empty, subprocess.TimeoutExpired):
+            raise AssertionError(f"still running after {timeout:g} s; output:\n{self.output[-5000:]}") from None
+        return self.output
+
+    def pids(self) -> list[int]:
+        """The process and every running process it started, wherever they were moved."""
+        return sorted(set(_tagged(self.tag)) | ({self.pid} if running(self.pid) else set()))
+
+    def kill(self) -> None:
+        """SIGKILL the whole tree, until none of it runs (a process may start another while it is killed)."""
+        for _ in range(50):
+            pids = self.pids()
+            if not pids:
+                break
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.05)
+        self.popen.wait()
+
+
+class Procs:
+    """The processes a test starts; all of them, and all they started, are killed when it ends."""
+
+    def __init__(self):
+        self.started: list[Proc] = []
+
+    def start(self, cmd, **kw) -> Proc:
+        self.started.append(Proc(cmd, **kw))
+        return self.started[-1]
+
+    def torchrun(self, nproc: int, args, launcher=(), **kw) -> Proc:
+        """`torchrun --standalone` (a free port for its store each time) with nproc ranks of `args`, a module
+        and its arguments."""
+        return self.start([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                           nproc, *launcher, "-m", *args], **kw)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for proc in self.started:
+            proc.kill()
+
+
+@pytest.fixture
+def procs():
+    """`procs.start(cmd)` / `procs.torchrun(n, args)`: processes with deadline reads (`Proc.read_until`,
+    `Proc.wait`), each killed with every process it started when the test ends, passed or failed."""
+    with Procs() as started:
+        yield started
 
 
 def load_tool(name: str):
@@ -83,6 +228,47 @@ def shards_dir(celeba_root, tmp_path_factory) -> Path:
     shards.write_shards(celeba_root, out, clip_model="tiny", clip_pretrained="none", samples_per_shard=8,
                         workers=0, clip_batch_size=16, progress=False)
     return out
+
+
+@pytest.fixture
+def shards_copy(shards_dir, tmp_path):
+    shutil.copytree(shards_dir, tmp_path / "s")
+    return tmp_path / "s"
+
+
+def rewrite_tar(tar_path, change) -> None:
+    """Rewrite a shard member by member through change(name, data) -> (name, data), in the same order."""
+    with tarfile.open(tar_path) as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(tar_path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            name, data = change(name, data)
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def npy_bytes(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def damaged(shards_copy):
+    """`shards_copy` with four unusable samples in train-000000.tar, each damaged in another way, and the
+    keys of those samples with how the reader's line about each must start."""
+    keys = sorted({m.split(".")[0] for m in tarfile.open(shards_copy / "train" / "train-000000.tar").getnames()})
+    damage = {f"{keys[1]}.img.npy": (lambda d: d[:-10], "img.npy: 12278 bytes of array data, but its header says "
+                                                        "12288"),
+              f"{keys[3]}.jpg": (lambda d: d[:400], "jpg: cannot decode"),
+              f"{keys[5]}.txt": (lambda d: b"\xff" + d, "txt: not UTF-8 text"),
+              f"{keys[6]}.clip_text.npy": (lambda d: npy_bytes(np.full(64, np.nan, np.float16)),
+                                           "clip_text.npy: NaN or infinite values")}
+    rewrite_tar(shards_copy / "train" / "train-000000.tar",
+             lambda name, data: (name, damage[name][0](data) if name in damage else data))
+    return shards_copy, {name.split(".")[0]: f"{shards_copy}/train/train-000000.tar: {name.split('.')[0]}."
+                         + damage[name][1] for name in damage}
 
 
 @pytest.fixture(scope="session")

@@ -1,14 +1,15 @@
 import io
 import json
 import re
-import shutil
 import subprocess
-import tarfile
+import threading
+import time
 
 import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from conftest import rewrite_tar
 
 from ddpdiff import shards
 from ddpdiff.data import DataError, Loader, load_manifest, read_samples, verify_shards
@@ -37,12 +38,6 @@ def no_token_shards(celeba_root, tmp_path_factory):
     shards.write_shards(celeba_root, out, clip_model="tiny", clip_pretrained="none", samples_per_shard=8,
                         workers=0, clip_batch_size=16, tokens=False, progress=False)
     return out
-
-
-@pytest.fixture
-def shards_copy(shards_dir, tmp_path):
-    shutil.copytree(shards_dir, tmp_path / "s")
-    return tmp_path / "s"
 
 
 def _keys(loader, epoch, start=0) -> list[list[str]]:
@@ -278,24 +273,6 @@ def test_a_global_batch_that_does_not_divide_by_the_world_is_shared_exactly(shar
 
 # ---- faults: paths, damaged shards and unusable samples
 
-def _rewrite(tar_path, change) -> None:
-    """Rewrite a shard member by member through change(name, data) -> (name, data), in the same order."""
-    with tarfile.open(tar_path) as tar:
-        members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
-    with tarfile.open(tar_path, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in members:
-            name, data = change(name, data)
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-
-
-def _npy(a: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, a)
-    return buf.getvalue()
-
-
 @pytest.mark.parametrize("path", ["/etc/train-000003.tar", "../elsewhere/train-000003.tar",
                                   "train/../../train-000003.tar", "C:/train-000003.tar"])
 def test_manifest_paths_outside_the_shard_folder_are_refused(shards_copy, path):
@@ -319,7 +296,7 @@ def test_member_names_that_are_not_key_ext_refuse_the_shard(shards_copy, rename)
         nonlocal victim
         victim = victim or name.split(".")[0]
         return (rename.format(name) if name.startswith(victim + ".") else name), data
-    _rewrite(shard, change)
+    rewrite_tar(shard, change)
     first = re.escape(rename.format(f"{victim}.jpg"))
     with pytest.raises(DataError, match=rf"train-000001\.tar: member '{first}' is not KEY\.EXT with a plain key"):
         Loader(shards_copy, batch_size=4, workers=0)
@@ -342,23 +319,6 @@ def test_shards_are_checked_against_their_sha256_only_when_asked(shards_copy):
         Loader(shards_copy, batch_size=4, workers=0, verify=True)
     with pytest.raises(DataError, match=r"val-000000\.tar: cannot read: No such file"):
         read_samples(shards_copy, "val", n=2, verify=True)
-
-
-@pytest.fixture
-def damaged(shards_copy):
-    """`shards_copy` with four unusable samples in train-000000.tar, each damaged in another way, and the
-    keys of those samples with how the reader's line about each must start."""
-    keys = sorted({m.split(".")[0] for m in tarfile.open(shards_copy / "train" / "train-000000.tar").getnames()})
-    damage = {f"{keys[1]}.img.npy": (lambda d: d[:-10], "img.npy: 12278 bytes of array data, but its header says "
-                                                        "12288"),
-              f"{keys[3]}.jpg": (lambda d: d[:400], "jpg: cannot decode"),
-              f"{keys[5]}.txt": (lambda d: b"\xff" + d, "txt: not UTF-8 text"),
-              f"{keys[6]}.clip_text.npy": (lambda d: _npy(np.full(64, np.nan, np.float16)),
-                                           "clip_text.npy: NaN or infinite values")}
-    _rewrite(shards_copy / "train" / "train-000000.tar",
-             lambda name, data: (name, damage[name][0](data) if name in damage else data))
-    return shards_copy, {name.split(".")[0]: f"{shards_copy}/train/train-000000.tar: {name.split('.')[0]}."
-                         + damage[name][1] for name in damage}
 
 
 def _substituted(order: np.ndarray, keys: list[str], bad: set[str]) -> list[list[str]]:
@@ -410,7 +370,7 @@ def test_more_unusable_samples_than_max_bad_stop_with_the_list(damaged):
 
 def test_read_samples_replaces_unusable_ones_and_refuses_a_batch_of_them(shards_copy):
     first = sorted(_reference(shards_copy, "val"))[:2]
-    _rewrite(shards_copy / "val" / "val-000000.tar",
+    rewrite_tar(shards_copy / "val" / "val-000000.tar",
              lambda name, data: (name, data[:-2] if name in {f"{k}.img.npy" for k in first} else data))
     reports = []
     batch = read_samples(shards_copy, "val", n=3, report=reports.append)
@@ -426,3 +386,21 @@ def test_unusable_samples_are_replaced_alike_in_worker_processes(damaged):
     single, pool = Loader(shards_copy, workers=0, **kw), Loader(shards_copy, workers=2, **kw)
     _assert_same(list(pool.epoch(0)), list(single.epoch(0)))
     assert sorted(pool.bad) == sorted(single.bad) and len(pool.bad) == len(lines)
+
+
+def _hang(sample: dict, rng: np.random.Generator) -> dict:
+    """A map_sample that never returns: a worker stuck as on a stalled filesystem."""
+    threading.Event().wait()
+    return sample
+
+
+def test_a_hung_worker_fails_the_rank_within_timeout_s_with_one_line(shards_dir):
+    loader = Loader(shards_dir, batch_size=2, workers=1, timeout_s=5, map_sample=_hang)
+    started = time.monotonic()
+    with pytest.raises(DataError) as e:
+        next(loader.epoch(0))
+    assert str(e.value) == ("no batch from the 1 loader worker(s) within timeout_s=5 s (data.timeout_s): a worker "
+                            "hangs, e.g. reading a shard on a stalled filesystem")
+    assert 5 <= time.monotonic() - started < 60
+    with pytest.raises(DataError, match=r"^Loader: timeout_s must be >= 0, got -1$"):
+        Loader(shards_dir, batch_size=2, workers=1, timeout_s=-1)

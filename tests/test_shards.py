@@ -3,6 +3,7 @@
 import hashlib
 import io
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -331,17 +332,17 @@ def test_resume_refuses_an_empty_prompt_from_other_weights(odd_root, tmp_path, m
 # ---- a killed run
 
 @pytest.mark.slow
-def test_sigkill_then_resume_equals_an_uninterrupted_run(celeba_root, shards_dir, tmp_path, repo, python):
+def test_sigkill_then_resume_equals_an_uninterrupted_run(celeba_root, shards_dir, tmp_path, repo, python, procs):
     out = tmp_path / "killed"
     cmd = [python, str(repo / "tools" / "make_shards.py"), "--root", str(celeba_root), "--out", str(out),
            "--clip-model", "tiny", "--clip-pretrained", "none", "--samples-per-shard", "8", "--workers", "0",
            "--clip-batch-size", "16", "--no-progress"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = procs.start(cmd)
     deadline = time.monotonic() + 120
-    while not list(out.glob("train/*.tar")) and time.monotonic() < deadline and proc.poll() is None:
+    while not list(out.glob("train/*.tar")) and time.monotonic() < deadline and proc.returncode is None:
         time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL and not (out / "manifest.json").exists()
     finished = list(out.glob("*/*.tar"))
     assert 1 <= len(finished) < 7

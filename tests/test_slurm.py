@@ -12,7 +12,6 @@ import json
 import os
 import pickle
 import shutil
-import signal
 import stat
 import subprocess
 import sys
@@ -22,7 +21,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import CONFIGS, REPO
 
 SMOKE = str(CONFIGS / "smoke.yaml")
@@ -444,16 +442,14 @@ def _plant_result(folder: Path, job: str, task: int, outcome: str) -> None:
 
 @pytest.mark.slow
 def test_submitit_wait_survives_a_timeout_signal_and_matches_the_uninterrupted_run(
-        cluster, shards_dir, reference, tmp_path):
+        cluster, shards_dir, reference, tmp_path, procs):
     cmd = [sys.executable, SUBMIT, "--nodes", "2", "--gpus-per-node", "2", "--cpus-per-task", "2",
            "--partition", "debug", "--time", "10", "--wait", *map(str, _train_args(shards_dir))]
-    proc = subprocess.Popen(cmd, env=cluster, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    first = proc.stdout.readline()
-    job = first.split()[2].rstrip(";") if first.startswith("submitted job ") else None
+    proc = procs.start(cmd, env=cluster, cwd=tmp_path)
+    first = proc.read_until("^submitted job ", timeout=120)
+    job = first.split()[2].rstrip(";")
     logs = tmp_path / "logs" / "submitit" / str(job)
     try:
-        assert job, first
         _wait_for(logs / f"{job}_0_log.out", "step 2 ")
         # What SLURM sends before the time limit (submitit's --signal=USR2@...), sent now.
         subprocess.run(["scancel", "--signal=USR2", job], env=cluster, check=True)
@@ -462,14 +458,12 @@ def test_submitit_wait_survives_a_timeout_signal_and_matches_the_uninterrupted_r
         # stopped it) that the next attempt has not yet replaced. submitit's own wait reads them at once.
         for task in range(4):
             _plant_result(logs, job, task, "error" if task == 1 else "success")
-        out, _ = proc.communicate(timeout=240)
+        out = proc.wait(timeout=240)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            if job:
-                subprocess.run(["scancel", job], env=cluster, capture_output=True)
+        if proc.returncode is None:
+            subprocess.run(["scancel", job], env=cluster, capture_output=True)
     text = _read(logs / f"{job}_0_log.out") + _read(logs / f"{job}_0_log.err")
-    assert proc.returncode == 0, first + out + text
+    assert proc.returncode == 0, out + text
     assert "stopped by signal SIGTERM" in text and f"Requeued job {job}" in text and "resumed from" in text, text
     assert "SLURM_RESTART_COUNT=1, run dir runs/smoke" in text, text
     # The other ranks left no result of the interrupted attempt: each reported once, at the end.

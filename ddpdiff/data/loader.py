@@ -101,13 +101,15 @@ class Loader:
             reported by rank 0 only, as every rank finds the same.
         verify: check every shard of the split against the manifest's sha256 first (reads all of it, on
             every rank; `tools/make_shards.py --verify OUT` does it once, before a run).
+        timeout_s: with workers, the longest wait for one batch before a DataError (a worker that hangs, e.g.
+            on a stalled filesystem, would otherwise hang the rank and with it the job); 0 waits forever.
     """
 
     def __init__(self, shards_dir: str | os.PathLike, split: str = "train", *, batch_size: int | None = None,
                  global_batch: int | None = None, rank: int = 0, world_size: int = 1, seed: int = 0,
                  workers: int = 2, tokens: bool | None = None, extra: tuple[str, ...] = (),
                  map_sample: MapSample | None = None, pin_memory: bool = False, max_bad: int = MAX_BAD,
-                 report: Callable[[str], None] | None = None, verify: bool = False):
+                 report: Callable[[str], None] | None = None, verify: bool = False, timeout_s: float = 0):
         if (batch_size is None) == (global_batch is None):
             raise DataError("Loader: give exactly one of batch_size (per rank) and global_batch")
         global_batch = global_batch if batch_size is None else batch_size * world_size
@@ -117,7 +119,8 @@ class Loader:
             ("rank", rank, 0 <= rank < world_size, "in [0, world_size)"),
             ("seed", seed, seed >= 0, ">= 0"),
             ("workers", workers, workers >= 0, ">= 0"),
-            ("max_bad", max_bad, max_bad >= 0, ">= 0")) if not ok]
+            ("max_bad", max_bad, max_bad >= 0, ">= 0"),
+            ("timeout_s", timeout_s, timeout_s >= 0, ">= 0")) if not ok]
         if problems:
             raise DataError("Loader: " + "; ".join(problems))
         self.manifest = load_manifest(shards_dir)
@@ -127,7 +130,7 @@ class Loader:
         self._batches = _Batches(reader, global_batch, rank, world_size, seed, map_sample)
         self.batches_per_epoch = self._batches.batches_per_epoch
         self._positions = _Positions()
-        self._workers, self._pin_memory = workers, pin_memory
+        self._workers, self._pin_memory, self._timeout_s = workers, pin_memory, timeout_s
         self._loader: DataLoader | None = None
 
     @property
@@ -151,8 +154,23 @@ class Loader:
             self._loader = DataLoader(self._batches, batch_size=None, sampler=self._positions,
                                       num_workers=self._workers, persistent_workers=True,
                                       pin_memory=self._pin_memory, worker_init_fn=_leave_signals_to_main,
-                                      multiprocessing_context=WORKER_START)
-        return self._counted(iter(self._loader))
+                                      multiprocessing_context=WORKER_START, timeout=self._timeout_s)
+        return self._counted(self._timed(iter(self._loader)))
+
+    def _timed(self, batches: Iterator[dict]) -> Iterator[dict]:
+        """The workers' batches; the DataLoader's timeout as one line naming the setting."""
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except RuntimeError as e:
+                if "DataLoader timed out" not in str(e):
+                    raise
+                raise DataError(f"no batch from the {self._workers} loader worker(s) within timeout_s="
+                                f"{self._timeout_s:g} s (data.timeout_s): a worker hangs, e.g. reading a shard "
+                                "on a stalled filesystem") from None
+            yield batch
 
     def _counted(self, batches: Iterator[dict]) -> Iterator[dict]:
         """The batches, with the unusable samples each replaced taken off it and counted here, in the rank."""
