@@ -124,6 +124,19 @@ def stop_with_launcher(poll_s: float = 1.0) -> threading.Thread:
     return thread
 
 
+def _attempt_store(rank: int, world: int, timeout: datetime.timedelta) -> dist.Store | None:
+    """Under torchrun, the ranks' store with keys of this restart attempt only; None elsewhere (the default).
+
+    torchrun's c10d rendezvous hands every attempt of `--max-restarts` the same store and torch adds no
+    per-attempt prefix, so a restarted group could read the killed attempt's gloo/NCCL addresses and fail
+    with "Connection refused" (tests/test_train.py::test_torchrun_max_restarts_...)."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None:
+        return None
+    store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=timeout))
+    return dist.PrefixStore(f"ddpdiff/attempt_{attempt}/", store)
+
+
 def init(timeout_s: int = 600, device: str = "auto") -> Env:
     """Join the process group (NCCL on GPUs, gloo on the CPU) on this rank's device (`pick_device`)."""
     global _env
@@ -143,9 +156,9 @@ def init(timeout_s: int = 600, device: str = "auto") -> Env:
     if world > 1 or "TORCHELASTIC_RUN_ID" in os.environ:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
-        dist.init_process_group(backend=backend, rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=timeout_s),
-                                device_id=dev if backend == "nccl" else None)
+        timeout = datetime.timedelta(seconds=timeout_s)
+        dist.init_process_group(backend=backend, store=_attempt_store(rank, world, timeout), rank=rank,
+                                world_size=world, timeout=timeout, device_id=dev if backend == "nccl" else None)
     else:
         backend = "none"
     _env = Env(rank, world, local_rank, local_world, dev, backend)
