@@ -159,8 +159,9 @@ class DistConfig:
                 "cuda: GPUs or an error; cpu: the CPU with gloo")
     timeout_s: int = _f(600, "a collective that waits longer than this fails the job")
     fixed_buckets: bool = _f(
-        True, "keep DDP's gradient buckets in one layout for the whole run (find_unused_parameters), so a resumed "
-              "run is bit-identical on more than 2 ranks; false saves one autograd-graph walk per step")
+        True, "where a run can be bitwise (train.deterministic, or gloo), keep DDP's gradient buckets in one "
+              "layout (find_unused_parameters), so a resumed run is bit-identical on more than 2 ranks; elsewhere, "
+              "and when false, DDP runs with a static graph and gradients as bucket views")
 
 
 @dataclass
