@@ -15,7 +15,7 @@ import tarfile
 import threading
 import time
 from pathlib import Path
-from typing import Self
+from typing import Iterator, Self
 
 import numpy as np
 import pytest
@@ -220,18 +220,27 @@ def celeba_root(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def shards_dir(celeba_root, tmp_path_factory) -> Path:
+def shards_dir(celeba_root, tmp_path_factory) -> Iterator[Path]:
     """Shards of `celeba_root` with the tiny random CLIP and token states, 8 samples per shard."""
     from ddpdiff import shards
 
     out = tmp_path_factory.mktemp("shards")
     shards.write_shards(celeba_root, out, clip_model="tiny", clip_pretrained="none", samples_per_shard=8,
                         workers=0, clip_batch_size=16, progress=False)
-    return out
+    made = _listing(out)
+    yield out
+    # Tests compare other shards with these byte for byte: one that writes here (e.g. FID statistics beside
+    # the shards) must use `shards_copy`.
+    assert _listing(out) == made, f"a test changed the session's shards in {out}; use the shards_copy fixture"
+
+
+def _listing(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
 
 
 @pytest.fixture
 def shards_copy(shards_dir, tmp_path):
+    """A copy of `shards_dir` a test may write into."""
     shutil.copytree(shards_dir, tmp_path / "s")
     return tmp_path / "s"
 

@@ -93,18 +93,17 @@ def _eval_json(cmd, env):
 
 
 @pytest.mark.slow
-def test_two_ranks_report_the_fid_and_kid_of_one_rank(diffusion_run, shards_dir, tmp_path):
+def test_two_ranks_report_the_fid_and_kid_of_one_rank(diffusion_run, shards_copy, tmp_path):
     """torchrun with 2 gloo ranks: each makes half the samples and half the reference features; the sums
     all-reduced give the 1-rank figures for the same seeds."""
     from test_fid import random_inception
 
     weights = random_inception(tmp_path / "inception.pth")
-    args = ["-m", "ddpdiff.eval", "--checkpoint", str(diffusion_run), "--data", str(shards_dir), "--metrics", "fid",
+    args = ["-m", "ddpdiff.eval", "--checkpoint", str(diffusion_run), "--data", str(shards_copy), "--metrics", "fid",
             "--num-samples", "6", "--steps", "2", "--inception", str(weights), "--fid-count", "9", "--batch-size", "2",
             "--no-progress", "--device", "cpu"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    two = _eval_json([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                      str(29500 + os.getpid() % 1000), *args], env)
+    two = _eval_json([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args], env)
     stats = Path(two["fid"]["reference"]["stats"])
     by_two = fid.Stats.load(stats)
     stats.unlink()  # the 1-rank run computes the reference again, alone

@@ -124,13 +124,14 @@ def test_hits_count_agreement_per_image_and_attribute():
 
 
 @pytest.mark.slow
-def test_fid_reference_is_the_cached_train_split_and_the_report_names_it(shards_dir, tmp_path):
-    """With a weights file: the reference is every train image by default, written beside the shards once."""
+def test_fid_reference_is_the_cached_train_split_and_the_report_names_it(shards_copy, tmp_path):
+    """With a weights file: the reference is every train image by default, written beside the shards once (a copy of
+    them: the session's shards stay as made)."""
     from test_fid import random_inception
 
     weights = random_inception(tmp_path / "inception.pth")
-    n_train = data.split_count(data.load_manifest(shards_dir), "train")
-    evaluator = ev.Evaluator(shards_dir, meta_of(shards_dir), ["fid"], 3, inception=weights, batch_size=16)
+    n_train = data.split_count(data.load_manifest(shards_copy), "train")
+    evaluator = ev.Evaluator(shards_copy, meta_of(shards_copy), ["fid"], 3, inception=weights, batch_size=16)
     report = evaluator.run(lambda batch: batch["image"])
     ref = report["fid"]["reference"]
     assert ref["split"] == "train" and ref["count"] == n_train and report["fid"]["num"] == 3
@@ -139,6 +140,6 @@ def test_fid_reference_is_the_cached_train_split_and_the_report_names_it(shards_
     assert report["fid"]["value"] > 0 and np.isfinite(report["fid"]["kid"])
     assert f"vs {n_train} train images, stats {ref['stats']})" in ev.summary(report)
     with pytest.raises(ev.EvalError, match=r"--fid-split holdout: .* has no such split \(it has train, val"):
-        ev.Evaluator(shards_dir, meta_of(shards_dir), ["fid"], 3, inception=Tiny(), fid_split="holdout")
+        ev.Evaluator(shards_copy, meta_of(shards_copy), ["fid"], 3, inception=Tiny(), fid_split="holdout")
     with pytest.raises(ev.EvalError, match=rf"--fid-count 100000: the train split of .* has {n_train} images"):
-        ev.Evaluator(shards_dir, meta_of(shards_dir), ["fid"], 3, inception=Tiny(), fid_count=100_000)
+        ev.Evaluator(shards_copy, meta_of(shards_copy), ["fid"], 3, inception=Tiny(), fid_count=100_000)
