@@ -184,7 +184,7 @@ def test_stats_files_round_trip_without_pickle_and_foreign_ones_are_errors(tmp_p
         fid.Stats.load(tmp_path / "obj.npz")
 
 
-def test_reference_stats_are_computed_once_cached_beside_the_shards_and_keyed(shards_dir, tmp_path, monkeypatch):
+def test_reference_stats_are_computed_once_cached_beside_the_shards_and_keyed(shards_copy, tmp_path, monkeypatch):
     from ddpdiff import data
 
     weights = tmp_path / "w.pth"
@@ -192,10 +192,10 @@ def test_reference_stats_are_computed_once_cached_beside_the_shards_and_keyed(sh
     net, calls = Tiny(), []
     compute = fid.split_stats
     monkeypatch.setattr(fid, "split_stats", lambda *a, **k: calls.append(a[1:3]) or compute(*a, **k))
-    stats, path = fid.reference_stats(shards_dir, "train", None, net, weights, batch_size=5)
-    n_train = data.split_count(data.load_manifest(shards_dir), "train")
-    assert calls == [("train", n_train)] and path.parent == shards_dir and path.is_file()
-    images = data.read_samples(shards_dir, "train", n=n_train)["image"]
+    stats, path = fid.reference_stats(shards_copy, "train", None, net, weights, batch_size=5)
+    n_train = data.split_count(data.load_manifest(shards_copy), "train")
+    assert calls == [("train", n_train)] and path.parent == shards_copy and path.is_file()
+    images = data.read_samples(shards_copy, "train", n=n_train)["image"]
     with torch.no_grad():
         expected = fid.Stats.of(fid.moments(net(((images + 1) * 127.5).round())))
     np.testing.assert_allclose(stats.mu, expected.mu, rtol=1e-5)
@@ -203,22 +203,22 @@ def test_reference_stats_are_computed_once_cached_beside_the_shards_and_keyed(sh
     assert stats.num == n_train and stats.features.shape == (n_train, 8)
     assert stats.key["weights_sha256"] == fid.sha256_file(weights) and stats.key["size"] == 64
 
-    again, same = fid.reference_stats(shards_dir, "train", None, net, weights)
+    again, same = fid.reference_stats(shards_copy, "train", None, net, weights)
     assert same == path and len(calls) == 1  # reused, not recomputed
     np.testing.assert_array_equal(again.sigma, stats.sigma)
 
-    fewer, other = fid.reference_stats(shards_dir, "train", 10, net, weights)
+    fewer, other = fid.reference_stats(shards_copy, "train", 10, net, weights)
     assert calls[-1] == ("train", 10) and other != path and fewer.num == 10
     weights.write_bytes(b"weights two")  # other weights: another file, computed anew
-    _, third = fid.reference_stats(shards_dir, "train", None, net, weights)
+    _, third = fid.reference_stats(shards_copy, "train", None, net, weights)
     assert len(calls) == 3 and third not in (path, other)
     tampered = fid.Stats.load(third)
     tampered.key["count"] = 1
     tampered.save(third)  # a file under the right name with another key inside is not trusted
-    fid.reference_stats(shards_dir, "train", None, net, weights)
+    fid.reference_stats(shards_copy, "train", None, net, weights)
     assert len(calls) == 4
     with pytest.raises(fid.FIDError, match=r"--fid-count 100000: split 'train' of .* has \d+ images"):
-        fid.reference_stats(shards_dir, "train", 100_000, net, weights)
+        fid.reference_stats(shards_copy, "train", 100_000, net, weights)
 
 
 @pytest.fixture(scope="module")
