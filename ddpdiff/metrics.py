@@ -120,7 +120,10 @@ class Evaluator:
                  fid_split: str = "train", fid_count: int | None = None,
                  rank: int = 0, world_size: int = 1, progress: bool = False,
                  log: Callable[[str], None] = lambda msg: None):
-        self.metrics, self.attributes = parse_metrics(metrics), parse_attributes(attributes)
+        # No metrics is allowed here (the val prompts and seeds alone, as tools/bench_sample.py times them);
+        # command lines ask for at least one through parse_metrics.
+        metrics = list(metrics)
+        self.metrics, self.attributes = parse_metrics(metrics) if metrics else [], parse_attributes(attributes)
         self.device = dist.default_device(device)
         self.batch_size, self.progress, self.num, self.skipped = batch_size, progress, num, {}
         self.shards, self.fid_split, self.fid_count, self.log = shards, fid_split, fid_count, log

@@ -24,3 +24,16 @@ def test_bench_sample_names_an_unknown_sampler(python, repo):
     out = subprocess.run([python, "tools/bench_sample.py", "--samplers", "ddim,euler"], cwd=repo,
                          capture_output=True, text=True, check=False)
     assert out.returncode == 2 and "unknown sampler(s) euler (known: ddpm, ddim, dpmpp2m)" in out.stderr
+
+
+def test_reference_steps_measure_how_far_each_deterministic_run_is_from_many_steps(diffusion_run, python, repo):
+    """DDIM at the reference's own step count is the reference (distance 0); fewer steps are not."""
+    out = subprocess.run([python, "tools/bench_sample.py", "--checkpoint", str(diffusion_run), "--samplers",
+                          "ddim,dpmpp2m,ddpm", "--steps", "2,6", "--reference-steps", "6", "--num", "4", "--batch", "4",
+                          "--no-sr"], cwd=repo, capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr
+    runs = {(r["sampler"], r["steps"]): r for r in json.loads(out.stdout)["runs"]}
+    assert runs[("ddim", 6)]["ode_error"] == 0
+    assert runs[("ddim", 2)]["ode_error"] > 0 and runs[("dpmpp2m", 2)]["ode_error"] > 0
+    assert "ode_error" not in runs[("ddpm", 2)]  # stochastic: no ODE solution to approach
+    assert "| ddpm | 2 |" in out.stderr and out.stderr.count("distance from the reference") >= 2

@@ -12,7 +12,11 @@ Without `--checkpoint` the networks have random weights of the configs' sizes (s
 weights) and conditions are random CLIP-sized embeddings (512-d, `--tokens` token states). With
 `--checkpoint`, the samples are those `python -m ddpdiff.eval --num NUM --seed 0` makes (val prompts of
 `--data`, default the checkpoint's shards) and `--classifier` adds their attribute accuracy on
-`--attributes`: the table that decides the default sampler. The first batch is a warm-up and not timed.
+`--attributes`: the table that decides the default sampler. `--reference-steps N` also samples the same
+seeds and prompts with DDIM at N steps, the probability-flow ODE's solution that both deterministic samplers
+(ddim, dpmpp2m) approach as steps grow, and reports each run's mean distance from it in 8-bit levels
+(`ode_error`): how far few steps fall short of many, even where accuracy cannot tell. The first batch is a
+warm-up and not timed.
 Prints progress and the table to stderr and one JSON object to stdout (and `--json`); its top-level
 sample_* fields are the first sampler at the first step count.
 """
@@ -31,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ddpdiff import config, dist, models  # noqa: E402
 from ddpdiff.diffusion import Diffusion  # noqa: E402
 from ddpdiff.errors import UsageError, cli  # noqa: E402
+from ddpdiff.images import as_saved  # noqa: E402
 from ddpdiff.metrics import Evaluator  # noqa: E402
 from ddpdiff.models import DenoiserMeta, SRMeta  # noqa: E402
 from ddpdiff.pipeline import Pipeline, upsample  # noqa: E402
@@ -101,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--guidance", type=float, default=3.0, help="guidance scale (default 3: two forwards a step)")
     p.add_argument("--sr-batch", type=int, default=16, help="images per upsampler batch (default 16)")
     p.add_argument("--tokens", type=int, default=36, help="prompt length in tokens, without --checkpoint (default 36)")
+    p.add_argument("--reference-steps", type=int, default=0, metavar="N",
+                   help="also report each deterministic run's mean distance (8-bit levels) from DDIM at N steps, "
+                        "e.g. 100 (default 0: off)")
     p.add_argument("--device", help="torch device (default cuda if available, else cpu)")
     p.add_argument("--json", type=Path, help="also write the JSON result here")
     args = p.parse_args(argv)
@@ -120,9 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         pipe, cond, params = random_setup(args, device)
         seeds = list(range(n))
-    for sampler in args.samplers:
-        for steps in args.steps:
-            pipe.check(sampler, steps)
+    for sampler, steps in [(s, k) for s in args.samplers for k in args.steps] + (
+            [("ddim", args.reference_steps)] if args.reference_steps else []):
+        pipe.check(sampler, steps)
 
     def generate(sampler: str, steps: int, rows: int) -> torch.Tensor:
         return pipe.generate({k: v[:rows] for k, v in cond.items()}, seeds[:rows], sampler=sampler, steps=steps,
@@ -130,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
 
     warm = min(n, args.batch)
     timed(lambda: generate(args.samplers[0], min(args.steps), warm), device)
+    reference = as_saved(generate("ddim", args.reference_steps, n)) if args.reference_steps else None
     runs, images = [], []
     for sampler in args.samplers:
         for steps in args.steps:
@@ -138,13 +147,17 @@ def main(argv: list[str] | None = None) -> int:
             if evaluator is not None and evaluator.metrics:
                 acc = evaluator.run(lambda batch: images[-1])["attr_acc"]
                 run.update(attr_acc=acc["mean"], attr_acc_real=acc["real_mean"])
+            if reference is not None and sampler != "ddpm":  # ddpm draws fresh noise: no ODE to approach
+                run["ode_error"] = (as_saved(images[-1]) - reference).abs().mean().item() * 127.5
             runs.append(run)
-            accuracy = f", attribute accuracy {run['attr_acc']:.3f}" if "attr_acc" in run else ""
+            labels = (("attr_acc", "attribute accuracy"), ("ode_error", "distance from the reference"))
+            extra = "".join(f", {label} {run[key]:.3f}" for key, label in labels if key in run)
             print(f"bench_sample: {sampler} {steps} steps: {n} images in {seconds:.2f} s, {n / seconds:.1f} images/s"
-                  f"{accuracy}", file=sys.stderr)
+                  f"{extra}", file=sys.stderr)
     report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "config": args.checkpoint or args.config, "params": params,
-              "num": n, "batch": args.batch, "guidance": args.guidance, **runs[0], "runs": runs}
+              "num": n, "batch": args.batch, "guidance": args.guidance, "reference_steps": args.reference_steps,
+              **runs[0], "runs": runs}
     print(table(runs), file=sys.stderr)
 
     if not args.no_sr:
@@ -165,12 +178,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def table(runs: list[dict]) -> str:
     """The runs as a Markdown table (docs/benchmarks.md's format)."""
-    accuracy = "attr_acc" in runs[0]
-    lines = ["| sampler | steps | s per image | images/s |" + (" attribute accuracy |" if accuracy else ""),
-             "|---|---:|---:|---:|" + ("---:|" if accuracy else "")]
+    extra = [(key, label) for key, label in (("attr_acc", "attribute accuracy"),
+                                             ("ode_error", "distance from the reference (levels)"))
+             if any(key in r for r in runs)]
+    lines = ["| sampler | steps | s per image | images/s |" + "".join(f" {label} |" for _, label in extra),
+             "|---|---:|---:|---:|" + "---:|" * len(extra)]
     for r in runs:
         lines.append(f"| {r['sampler']} | {r['steps']} | {1 / r['sample_images_per_s']:.4f} "
-                     f"| {r['sample_images_per_s']:.1f} |" + (f" {r['attr_acc']:.3f} |" if accuracy else ""))
+                     f"| {r['sample_images_per_s']:.1f} |"
+                     + "".join(f" {r[key]:.3f} |" if key in r else " - |" for key, _ in extra))
     return "\n".join(lines)
 
 
