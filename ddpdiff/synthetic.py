@@ -11,6 +11,7 @@ import io
 import multiprocessing as mp
 import os
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -32,6 +33,23 @@ HAIR_P = (("Black_Hair", 0.25), ("Blond_Hair", 0.2), ("Brown_Hair", 0.2), ("Gray
 VISIBLE_P = 0.4
 OTHER_P = 0.25
 
+Pair = tuple[str, str]
+
+
+def parse_pairs(text: str) -> list[Pair]:
+    """Attribute pairs from "A+B,C+D" (CelebA names), e.g. the --hold-out of tools/make_synthetic_celeba.py."""
+    pairs = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        names = [n.strip() for n in item.split("+")]
+        unknown = [n for n in names if n not in ATTRIBUTES]
+        if len(names) != 2 or unknown or names[0] == names[1]:
+            raise ValueError(f"attribute pair {item!r}: expected two different CelebA attribute names joined by "
+                             f"'+', e.g. Blond_Hair+Mustache" + (f" ({', '.join(unknown)} unknown)" if unknown else ""))
+        pairs.append((names[0], names[1]))
+    if not pairs:
+        raise ValueError(f"attribute pairs {text!r}: expected A+B[,C+D...], e.g. Blond_Hair+Mustache")
+    return pairs
+
 
 def split_of(index: int, num: int) -> int:
     """0/1/2 (train/val/test) in the same proportions as the real partition."""
@@ -40,7 +58,16 @@ def split_of(index: int, num: int) -> int:
     return 0 if index <= train_end else 1 if index <= val_end else 2
 
 
-def sample_attributes(rng: np.random.Generator) -> dict[str, int]:
+def sample_attributes(rng: np.random.Generator, hold_out: Sequence[Pair] = ()) -> dict[str, int]:
+    """Random attributes; drawn again while they hold both attributes of a `hold_out` pair, so the pair's
+    combination is absent and the other attributes keep their joint distribution (given no pair)."""
+    while True:
+        attrs = _draw_attributes(rng)
+        if not any(attrs[a] and attrs[b] for a, b in hold_out):
+            return attrs
+
+
+def _draw_attributes(rng: np.random.Generator) -> dict[str, int]:
     attrs = {name: int(rng.random() < OTHER_P) for name in ATTRIBUTES}
     for name in ("Eyeglasses", "Smiling", "Wearing_Hat", "Mustache"):
         attrs[name] = int(rng.random() < VISIBLE_P)
@@ -87,18 +114,18 @@ def draw_face(attrs: dict[str, int], rng: np.random.Generator) -> Image.Image:
     return img
 
 
-def render(seed: int, index: int) -> tuple[bytes, dict[str, int]]:
-    """JPEG bytes and attributes of image `index` (1-based, like the file names)."""
+def render(seed: int, index: int, hold_out: Sequence[Pair] = ()) -> tuple[bytes, dict[str, int]]:
+    """JPEG bytes and attributes of image `index` (1-based, like the file names), with no `hold_out` pair."""
     rng = np.random.default_rng([seed, index])
-    attrs = sample_attributes(rng)
+    attrs = sample_attributes(rng, hold_out)
     buf = io.BytesIO()
     draw_face(attrs, rng).save(buf, format="JPEG", quality=90)
     return buf.getvalue(), attrs
 
 
-def _write_image(job: tuple[Path, int, int]) -> tuple[int, dict[str, int]]:
-    img_dir, seed, index = job
-    data, attrs = render(seed, index)
+def _write_image(job: tuple[Path, int, int, Sequence[Pair]]) -> tuple[int, dict[str, int]]:
+    img_dir, seed, index, hold_out = job
+    data, attrs = render(seed, index, hold_out)
     final = img_dir / f"{index:06d}.jpg"
     tmp = img_dir / f".{index:06d}.jpg.tmp"
     tmp.write_bytes(data)
@@ -107,15 +134,21 @@ def _write_image(job: tuple[Path, int, int]) -> tuple[int, dict[str, int]]:
 
 
 def make(out: str | os.PathLike, num: int, seed: int = 0, workers: int | None = None,
-         progress: bool = True) -> Path:
-    """Write `num` images and the four annotation files under `out` in the CelebA layout."""
+         progress: bool = True, hold_out: Sequence[Pair] = ()) -> Path:
+    """Write `num` images and the four annotation files under `out` in the CelebA layout.
+
+    No train-partition image has both attributes of a `hold_out` pair (val and test keep them), so those
+    combinations reach a model only as prompts: a test of composition. Images whose first draw holds no pair
+    are the same bytes with or without `hold_out`.
+    """
     if num < 1:
         raise ValueError(f"num must be at least 1, got {num}")
+    hold_out = [tuple(pair) for pair in hold_out]
     out = Path(out)
     img_dir = out / "img_align_celeba"
     img_dir.mkdir(parents=True, exist_ok=True)
     workers = workers or os.cpu_count() or 1
-    jobs = ((img_dir, seed, i) for i in range(1, num + 1))
+    jobs = ((img_dir, seed, i, hold_out if split_of(i, num) == 0 else ()) for i in range(1, num + 1))
     with atomic_write(out / "list_attr_celeba.txt", "w") as attr_f, \
             atomic_write(out / "list_eval_partition.txt", "w") as part_f, \
             atomic_write(out / "identity_CelebA.txt", "w") as id_f, \

@@ -1,4 +1,5 @@
 import hashlib
+import re
 
 import numpy as np
 import pytest
@@ -63,3 +64,46 @@ def test_hair_colour_is_exclusive():
     for i in range(200):
         attrs = synthetic.sample_attributes(np.random.default_rng(i))
         assert sum(attrs[h] for h in ("Black_Hair", "Blond_Hair", "Brown_Hair", "Gray_Hair")) <= 1
+
+
+def _rows(root):
+    attrs = [line.split() for line in (root / "list_attr_celeba.txt").read_text().splitlines()[2:]]
+    parts = dict(line.split() for line in (root / "list_eval_partition.txt").read_text().splitlines())
+    return [(row[0], parts[row[0]], {a: row[1 + i] == "1" for i, a in enumerate(ATTRIBUTES)}) for row in attrs]
+
+
+def test_hold_out_removes_the_pairs_from_train_only_and_leaves_other_images_alone(tmp_path):
+    pairs = [("Wearing_Hat", "Eyeglasses"), ("Blond_Hair", "Mustache")]
+    held = synthetic.make(tmp_path / "held", num=400, seed=0, workers=1, progress=False, hold_out=pairs)
+    plain = synthetic.make(tmp_path / "plain", num=400, seed=0, workers=1, progress=False)
+    rows, plain_rows = _rows(held), _rows(plain)
+
+    def both(attrs, pair):
+        return attrs[pair[0]] and attrs[pair[1]]
+    for pair in pairs:
+        assert not [name for name, split, attrs in rows if split == "0" and both(attrs, pair)], pair
+        assert [name for name, split, attrs in plain_rows if split == "0" and both(attrs, pair)], pair
+    assert [name for name, split, attrs in rows if split != "0" and both(attrs, pairs[0])]
+    unaffected = [name for (name, split, attrs) in plain_rows if not any(both(attrs, p) for p in pairs)]
+    assert len(unaffected) > 200
+    for name in unaffected:
+        assert (held / "img_align_celeba" / name).read_bytes() == (plain / "img_align_celeba" / name).read_bytes()
+    redrawn = [name for (name, split, attrs) in plain_rows if split == "0" and any(both(attrs, p) for p in pairs)]
+    assert all((held / "img_align_celeba" / n).read_bytes() != (plain / "img_align_celeba" / n).read_bytes()
+               for n in redrawn)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("Blond_Hair", "two different CelebA attribute names"),
+    ("Blond_Hair+Moustache", "Moustache unknown"),
+    ("Smiling+Smiling", "two different"),
+    (",", "expected A+B"),
+])
+def test_parse_pairs_names_what_is_wrong(text, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        synthetic.parse_pairs(text)
+
+
+def test_parse_pairs():
+    assert synthetic.parse_pairs("Wearing_Hat+Eyeglasses, Blond_Hair+Mustache") == [
+        ("Wearing_Hat", "Eyeglasses"), ("Blond_Hair", "Mustache")]

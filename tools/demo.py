@@ -23,6 +23,9 @@ PROMPTS = [
     "Photo of person black hair, mustache.",
     "Photo of person gray hair, eyeglasses, mustache, smiling.",
 ]
+# Never together in a training image, so the model meets them only as prompts: a pair drawn in separate
+# places, and one where a colour could leak (hair colour into the dark mustache). Step 7 measures both.
+HOLD_OUT = "Wearing_Hat+Eyeglasses,Blond_Hair+Mustache"
 
 
 def stage(title: str, cmd: list[str], done: Path | None = None) -> None:
@@ -53,7 +56,8 @@ def main(argv=None) -> int:
     started = time.time()
 
     celeba, shards, run = out / "celeba", out / "shards", out / "run"
-    stage("1. synthetic CelebA", [py, "tools/make_synthetic_celeba.py", "--out", str(celeba), "--num", str(args.num)],
+    stage("1. synthetic CelebA", [py, "tools/make_synthetic_celeba.py", "--out", str(celeba), "--num", str(args.num),
+                                         "--hold-out", HOLD_OUT],
           done=celeba / "list_attr_celeba.txt")
     stage("2. shards with CLIP embeddings (tiny random CLIP: real weights cannot be downloaded here)",
           [py, "tools/make_shards.py", "--root", str(celeba), "--out", str(shards), "--clip-model", "tiny",

@@ -17,11 +17,19 @@ def main(argv=None) -> int:
     p.add_argument("--num", type=int, default=5000, help="number of images (202599 = full CelebA size)")
     p.add_argument("--seed", type=int, default=0, help="the same seed gives byte-identical files")
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.add_argument("--hold-out", metavar="A+B[,C+D...]", help="attribute pairs no train-partition image shows "
+                   "together (val and test keep them), e.g. Wearing_Hat+Eyeglasses,Blond_Hair+Mustache: the "
+                   "combinations reach a model only as prompts (python -m ddpdiff.eval --held-out measures them)")
     args = p.parse_args(argv)
     if args.num < 1:
         p.error(f"--num must be at least 1, got {args.num}")
-    synthetic.make(args.out, args.num, args.seed, args.workers)
-    print(f"wrote {args.num} images to {Path(args.out) / 'img_align_celeba'}")
+    try:
+        hold_out = synthetic.parse_pairs(args.hold_out) if args.hold_out is not None else []
+    except ValueError as e:
+        p.error(f"--hold-out: {e}")
+    synthetic.make(args.out, args.num, args.seed, args.workers, hold_out=hold_out)
+    held = f" (train partition without {', '.join('+'.join(pair) for pair in hold_out)})" if hold_out else ""
+    print(f"wrote {args.num} images to {Path(args.out) / 'img_align_celeba'}{held}")
     return 0
 
 
