@@ -118,8 +118,8 @@ class SampleConfig:
     every_steps: int = _f(1000, "sample grid to TensorBoard every N steps; 0 disables it")
     num_prompts: int = _f(8, "validation prompts in the grid")
     sampler: Literal["ddpm", "ddim", "dpmpp2m"] = _f(
-        "ddim", "ddim, ddpm (ancestral) or dpmpp2m (DPM-Solver++(2M), second order, for 10-20 steps)")
-    steps: int = _f(50, "sampling steps (respaced, at most diffusion.timesteps)")
+        "dpmpp2m", "dpmpp2m (DPM-Solver++(2M), second order, for 10-20 steps), ddim or ddpm (ancestral)")
+    steps: int = _f(20, "sampling steps (respaced, at most diffusion.timesteps)")
     guidance: float = _f(3.0, "classifier-free guidance scale; 0 means unconditional, 1 plain conditional")
     eta: float = _f(0.0, "DDIM eta (0 is deterministic)")
 

@@ -34,13 +34,13 @@ from .images import write_png
 from .metrics import METRICS, Evaluator, parse_attributes, parse_metrics, scalars, summary
 from .monitor import Monitor
 from .pipeline import Pipeline
-from .sampling import SAMPLER_HELP, SAMPLERS
+from .sampling import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLER_HELP, SAMPLERS
 
 
 def evaluate(checkpoint: str | Path, shards: str | Path | None = None, metrics: Iterable[str] | str = METRICS,
-             num: int = 64, steps: int = 50, guidance: float = 3.0, classifier: str | Path | None = None,
+             num: int = 64, steps: int = DEFAULT_STEPS, guidance: float = 3.0, classifier: str | Path | None = None,
              attributes: Iterable[str] | str | None = None, inception: str | Path | nn.Module | None = None,
-             sampler: str = "ddim", seed: int = 0, batch_size: int = 64, device: str | None = None,
+             sampler: str = DEFAULT_SAMPLER, seed: int = 0, batch_size: int = 64, device: str | None = None,
              clip_pretrained: str | None = None, progress: bool = True, save_samples: str | Path | None = None,
              fid_split: str = "train", fid_count: int | None = None, bf16: bool = True,
              log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr, flush=True)) -> dict:
@@ -94,9 +94,11 @@ def parser() -> argparse.ArgumentParser:
                    help="samples to generate, one per val prompt, cycling (default 10000, the usual FID count; "
                    "50000 for the papers that use it; compare FIDs only at the same count). Under torchrun "
                    "write --num-samples: torchrun takes --num for its own --numa-binding")
-    p.add_argument("--steps", type=int, default=50, help="sampling steps, at most diffusion.timesteps (default 50)")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS,
+                   help=f"sampling steps, at most diffusion.timesteps (default {DEFAULT_STEPS})")
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (default 3)")
-    p.add_argument("--sampler", choices=sorted(SAMPLERS), default="ddim", help=f"{SAMPLER_HELP} (default ddim)")
+    p.add_argument("--sampler", choices=sorted(SAMPLERS), default=DEFAULT_SAMPLER,
+                   help=f"{SAMPLER_HELP} (default {DEFAULT_SAMPLER})")
     p.add_argument("--classifier", metavar="RUN_DIR|FILE",
                    help="attribute classifier (run, checkpoint or exported file) from python -m "
                         "ddpdiff.train_classifier (needed for attr_acc)")

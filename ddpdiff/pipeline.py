@@ -24,7 +24,7 @@ from .config import ModelConfig
 from .diffusion import Diffusion
 from .errors import UsageError
 from .models import ClassifierMeta, DenoiserMeta, SRMeta
-from .sampling import check, generate, image_seed
+from .sampling import DEFAULT_SAMPLER, DEFAULT_STEPS, check, generate, image_seed
 from .weights import Weights
 
 
@@ -85,12 +85,12 @@ class Pipeline:
         the model was trained with."""
         return conditioning.from_batch(batch, self.tokens, self.device)
 
-    def check(self, sampler: str = "ddim", steps: int = 50, eta: float = 0.0) -> None:
+    def check(self, sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_STEPS, eta: float = 0.0) -> None:
         problems = check(sampler, steps, eta, self.diffusion.T)
         if problems:
             raise SamplingError("; ".join(problems))
 
-    def generate(self, cond: Cond, seeds: Sequence[int], sampler: str = "ddim", steps: int = 50,
+    def generate(self, cond: Cond, seeds: Sequence[int], sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_STEPS,
                  guidance: float = 3.0, eta: float = 0.0, batch_size: int = 64, progress: bool = False,
                  ) -> torch.Tensor:
         """Image i for row i of `cond` from seeds[i]: [len(seeds), 3, H, W] in [-1, 1] on the CPU."""

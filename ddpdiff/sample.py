@@ -24,7 +24,7 @@ from .errors import cli
 from .images import write_png
 from .models import SRMeta
 from .pipeline import Pipeline, SamplingError, load_network, upsample
-from .sampling import SAMPLER_HELP, SAMPLERS
+from .sampling import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLER_HELP, SAMPLERS
 
 
 def save(out: Path, images: torch.Tensor, prompts: list[str], num: int, suffix: str = "") -> list[dict]:
@@ -60,8 +60,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt (repeat for several)")
     p.add_argument("--prompts-file", metavar="FILE", help="one prompt per line (blank lines skipped)")
     p.add_argument("--num", type=int, default=4, help="images per prompt (default 4)")
-    p.add_argument("--sampler", choices=sorted(SAMPLERS), default="ddim", help=f"{SAMPLER_HELP} (default ddim)")
-    p.add_argument("--steps", type=int, default=50, help="sampling steps, at most diffusion.timesteps (default 50)")
+    p.add_argument("--sampler", choices=sorted(SAMPLERS), default=DEFAULT_SAMPLER,
+                   help=f"{SAMPLER_HELP} (default {DEFAULT_SAMPLER})")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS,
+                   help=f"sampling steps, at most diffusion.timesteps (default {DEFAULT_STEPS})")
     p.add_argument("--guidance", type=float, default=3.0,
                    help="classifier-free guidance: 0 unconditional, 1 conditional, >1 stronger (default 3)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta; 0 is deterministic given the noise (default 0)")

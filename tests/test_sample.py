@@ -56,7 +56,7 @@ def test_cli_writes_images_grids_upsampled_512_and_an_index(run, sr_run, tmp_pat
     assert [(f["file"], f["prompt"], f["upsampled"]) for f in index["files"]] == [
         (f"p{p:03d}_s{s:03d}.png", PROMPTS[p], f"p{p:03d}_s{s:03d}_512.png") for p in range(2) for s in range(2)]
     for f in index["files"]:
-        assert (f["seed"], f["steps"], f["guidance"], f["sampler"], f["ema"]) == (7, 3, 3.0, "ddim", True)
+        assert (f["seed"], f["steps"], f["guidance"], f["sampler"], f["ema"]) == (7, 3, 3.0, "dpmpp2m", True)
         assert f["checkpoint"] == str(checkpoint.resolve(run))
     assert not list(out.glob(".*"))  # no temporaries left behind
     assert "4 images for 2 prompts" in capsys.readouterr().out

@@ -155,7 +155,7 @@ def test_guidance_mixes_both_predictions_in_one_batched_forward():
 
     expected = ddim_sample(reference, diff, x_T, cond, steps=5)
     model.calls.clear()
-    got = generate(model, diff, cond, [0, 1], (3, 8, 8), steps=5, guidance=3.0)
+    got = generate(model, diff, cond, [0, 1], (3, 8, 8), steps=5, guidance=3.0, sampler="ddim")
     torch.testing.assert_close(got, expected.clamp(-1, 1))
     assert len(model.calls) == 5
     assert all(n == 4 and drop.tolist() == [False, False, True, True] for n, drop in model.calls)

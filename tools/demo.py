@@ -79,10 +79,10 @@ def main(argv=None) -> int:
            "--data.shards", str(shards), "--run.dir", str(classifier)])
     stage("6. samples from the prompts, upsampled 64 -> 512",
           [py, "-m", "ddpdiff.sample", "--checkpoint", str(run), *[a for p in PROMPTS for a in ("--prompt", p)],
-           "--num", "4", "--steps", "25", "--upsampler", str(sr_run), "--out", str(samples)])
+           "--num", "4", "--upsampler", str(sr_run), "--out", str(samples)])
     stage("7. does the text condition work? attribute accuracy of samples for val prompts",
           [py, "-m", "ddpdiff.eval", "--checkpoint", str(run), "--data", str(shards), "--metrics", "attr_acc",
-           "--num", str(args.eval_num), "--steps", "25", "--guidance", "3", "--classifier", str(classifier),
+           "--num", str(args.eval_num), "--guidance", "3", "--classifier", str(classifier),
            "--attributes", "visible"])
     newest = max((run / "eval").glob("*.json"), key=lambda p: p.stat().st_mtime)
     report = json.loads(newest.read_text())["attr_acc"]
