@@ -61,7 +61,7 @@ def evaluate(checkpoint: str | Path, shards: str | Path | None = None, metrics: 
                           progress=progress, log=log)
 
     def generate(batch: dict) -> torch.Tensor:
-        with torch.autocast("cuda", torch.bfloat16, enabled=bf16 and pipe.device.type == "cuda"):
+        with pipe.autocast(bf16):
             images = pipe.generate_for(batch, seed, sampler=sampler, steps=steps, guidance=guidance,
                                        batch_size=batch_size, progress=progress)
         if save_samples:

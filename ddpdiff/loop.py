@@ -70,30 +70,37 @@ def launch(make_task: Callable[[Any, dist.Env], Task], root: type[TrainerConfig]
     """
     cfg, _ = config.parse_args(description, argv, prog=prog, root=root)
     try:
-        with deterministic(cfg.train.deterministic):
+        with kernels(cfg.train.deterministic):
             return cli(prog)(lambda: run(make_task(cfg, dist.init(cfg.dist.timeout_s, cfg.dist.device))))()
     finally:
         dist.cleanup()
 
 
 @contextlib.contextmanager
-def deterministic(enabled: bool) -> Iterator[None]:
-    """Deterministic kernels while the run lasts (`train.deterministic`): cuBLAS needs its workspace setting
-    before its first use, cuDNN its own flags; an op without a deterministic kernel then fails loudly."""
-    if not enabled:
-        yield
-        return
+def kernels(deterministic: bool) -> Iterator[None]:
+    """The kernels while the run lasts. `train.deterministic`: cuBLAS needs its workspace setting before its
+    first use, cuDNN its own flags; an op without a deterministic kernel then fails loudly. Otherwise the
+    fast ones: cuDNN autotuning (the shapes are fixed) and TF32 for float32 matmuls and convolutions (sampling
+    and the fp32 parts of mixed precision; 10 mantissa bits, far below the noise the model learns)."""
     saved = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
-             torch.backends.cudnn.deterministic, os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True)
-    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+             torch.backends.cudnn.deterministic, torch.backends.cudnn.allow_tf32,
+             torch.get_float32_matmul_precision(), os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+    else:
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32 = True, True
+        if torch.cuda.is_available():  # the CPU's float32 matmuls stay exact
+            torch.set_float32_matmul_precision("high")
     try:
         yield
     finally:
         torch.use_deterministic_algorithms(saved[0])
-        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[1], saved[2]
-        if saved[3] is None:
+        (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
+         torch.backends.cudnn.allow_tf32) = saved[1:4]
+        torch.set_float32_matmul_precision(saved[4])
+        if saved[5] is None:
             os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
 
 

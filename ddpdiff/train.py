@@ -153,13 +153,17 @@ class DiffusionTask:
     @torch.no_grad()
     def evaluate(self, step: int, model: nn.Module, monitor: Monitor) -> None:
         """Metrics on every rank at `eval.every_steps`; a grid of EMA samples for fixed validation prompts on
-        rank 0 at `sample.every_steps` (the other ranks go straight on)."""
+        rank 0 at `sample.every_steps` (the other ranks go straight on); under bf16 autocast on GPUs when
+        training is mixed precision."""
         pipe = Pipeline(model, self.diffusion, self.cfg.model, self.metadata())
-        e, s = self.cfg.eval, self.cfg.sample
-        if loop.due(step, e.every_steps):
-            self.eval(step, pipe, monitor)
-        if not dist.is_main() or not loop.due(step, s.every_steps):
-            return
+        with pipe.autocast(self.cfg.train.precision != "fp32"):
+            if loop.due(step, self.cfg.eval.every_steps):
+                self.eval(step, pipe, monitor)
+            if dist.is_main() and loop.due(step, self.cfg.sample.every_steps):
+                self.preview(step, pipe, monitor)
+
+    def preview(self, step: int, pipe: Pipeline, monitor: Monitor) -> None:
+        s = self.cfg.sample
         if self.val is None:
             self.val = data.read_samples(self.cfg.data.shards, split="val", n=s.num_prompts, tokens=self.tokens)
             monitor.images("samples/real", step, self.val["image"])

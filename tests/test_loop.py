@@ -79,16 +79,22 @@ def test_loader_workers_fit_the_cpus_slurm_gave(shards_dir, monkeypatch, capsys)
     assert "data.workers 8 capped to 3: 4 CPUs per rank (SLURM_CPUS_PER_TASK=32)" in capsys.readouterr().out
 
 
-def test_deterministic_mode_lasts_for_the_run_only(monkeypatch):
+def test_kernel_settings_last_for_the_run_only(monkeypatch):
     import os
 
     import torch
 
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
-    with loop.deterministic(True):
+    before = torch.backends.cudnn.benchmark, torch.get_float32_matmul_precision()
+    with loop.kernels(deterministic=True):
         assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
-        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8" and not torch.backends.cudnn.benchmark
     assert not torch.are_deterministic_algorithms_enabled() and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    with loop.kernels(deterministic=False):
+        assert torch.backends.cudnn.benchmark and torch.backends.cudnn.allow_tf32
+        assert not torch.are_deterministic_algorithms_enabled() and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+        assert torch.get_float32_matmul_precision() == ("high" if torch.cuda.is_available() else "highest")
+    assert (torch.backends.cudnn.benchmark, torch.get_float32_matmul_precision()) == before
 
 
 # Calls that make the host wait for the device (on a GPU); on the CPU they are counted instead.
