@@ -20,6 +20,7 @@ ATTRIBUTES = (
     "Wearing_Lipstick Wearing_Necklace Wearing_Necktie Young"
 ).split()
 assert len(ATTRIBUTES) == 40
+HAIR_COLOURS = ("Black_Hair", "Blond_Hair", "Brown_Hair", "Gray_Hair")  # the attributes that name a colour
 
 SPLITS = ("train", "val", "test")  # list_eval_partition.txt codes 0, 1, 2
 

@@ -11,9 +11,12 @@ split (--fid-split, default all train images), computed once and cached beside t
 Sample i is generated for the prompt (and stored CLIP embeddings) of val image i, cycling when --num exceeds
 the val split, from the seed `python -m ddpdiff.sample --seed SEED` gives prompt i's first image; every
 metric is reported beside the same metric for the real val images (ddpdiff/metrics.py says what each
-measures). A metric whose inputs are missing is skipped with a message saying how to provide them. The JSON
-report goes to stdout and to RUN/eval/step_S_numN_stepsK_guidanceG.json, the scalars to RUN/tb
-(TensorBoard). During training the same evaluation runs every `eval.every_steps` on all ranks.
+measures). --held-out A+B[,C+D] adds --held-out-num samples per attribute pair for the val prompts that
+have both (numbered from N on): does the model compose a pair its training images never showed together,
+and does each attribute keep its own colour (docs/evaluation.md). A metric whose inputs are missing is
+skipped with a message saying how to provide them. The JSON report goes to stdout and to
+RUN/eval/step_S_numN_stepsK_guidanceG.json, the scalars to RUN/tb (TensorBoard). During training the same
+evaluation runs every `eval.every_steps` on all ranks.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -31,7 +34,7 @@ from . import dist, fid
 from .atomic import write_text
 from .errors import cli
 from .images import write_png
-from .metrics import METRICS, Evaluator, parse_attributes, parse_metrics, scalars, summary
+from .metrics import METRICS, Evaluator, parse_attributes, parse_held_out, parse_metrics, scalars, summary
 from .monitor import Monitor
 from .pipeline import Pipeline
 from .sampling import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLER_HELP, SAMPLERS
@@ -43,12 +46,14 @@ def evaluate(checkpoint: str | Path, shards: str | Path | None = None, metrics: 
              sampler: str = DEFAULT_SAMPLER, seed: int = 0, batch_size: int = 64, device: str | None = None,
              clip_pretrained: str | None = None, progress: bool = True, save_samples: str | Path | None = None,
              fid_split: str = "train", fid_count: int | None = None, bf16: bool = True,
+             held_out: str | Iterable[Sequence[str]] | None = None, held_out_num: int = 32,
              log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr, flush=True)) -> dict:
     """Generate `num` samples for val prompts with a diffusion checkpoint and report the metrics; call it on
     every rank (after `dist.init`) or in one process.
 
     `shards` defaults to the checkpoint's own data.shards; a seed gives the same report again. With
     `save_samples`, sample i is also written there as iIIIIII.png. `bf16`: sample under bf16 autocast on GPUs.
+    `held_out`: attribute pairs ("A+B,C+D") measured on `held_out_num` extra samples each (see `Evaluator`).
     """
     metrics = parse_metrics(metrics)
     pipe = Pipeline.from_checkpoint(checkpoint, device, encoder="clip_score" in metrics,
@@ -57,8 +62,8 @@ def evaluate(checkpoint: str | Path, shards: str | Path | None = None, metrics: 
     shards = shards or pipe.shards
     evaluator = Evaluator(shards, pipe.meta, metrics, num, classifier=classifier, attributes=attributes,
                           inception=inception, device=pipe.device, batch_size=batch_size, encoder=pipe.encoder,
-                          fid_split=fid_split, fid_count=fid_count, rank=dist.rank(), world_size=dist.world_size(),
-                          progress=progress, log=log)
+                          fid_split=fid_split, fid_count=fid_count, held_out=held_out, held_out_num=held_out_num,
+                          rank=dist.rank(), world_size=dist.world_size(), progress=progress, log=log)
 
     def generate(batch: dict) -> torch.Tensor:
         with pipe.autocast(bf16):
@@ -109,6 +114,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--fid-split", default="train", help="split whose images are FID's reference (default train)")
     p.add_argument("--fid-count", type=int, metavar="N", help="FID's reference: the split's first N images "
                    "(default all); statistics are cached beside the shards per split, count and weights")
+    p.add_argument("--held-out", metavar="A+B[,C+D]", help="attribute pairs (CelebA names) to test for "
+                   "composition and binding, e.g. those tools/make_synthetic_celeba.py --hold-out kept apart: "
+                   "samples for the val prompts with both (needs attr_acc and --classifier)")
+    p.add_argument("--held-out-num", type=int, default=32, metavar="N",
+                   help="samples per held-out pair, cycling over its val prompts (default 32)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed; the same seed gives the same report")
     p.add_argument("--batch-size", type=int, default=64, help="images per sampler and metric batch (default 64)")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
@@ -131,7 +141,9 @@ def main(argv: list[str] | None = None) -> int:
                           sampler=args.sampler, seed=args.seed, batch_size=args.batch_size, device=env.device,
                           clip_pretrained=args.clip_pretrained, progress=not args.no_progress and env.rank == 0,
                           save_samples=args.save_samples, fid_split=args.fid_split, fid_count=args.fid_count,
-                          bf16=not args.fp32, log=lambda msg: dist.print0(msg, file=sys.stderr))
+                          bf16=not args.fp32, held_out_num=args.held_out_num,
+                          held_out=None if args.held_out is None else parse_held_out(args.held_out),
+                          log=lambda msg: dist.print0(msg, file=sys.stderr))
     finally:
         dist.cleanup()
     if env.rank != 0:  # rank 0 alone reports

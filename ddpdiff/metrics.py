@@ -10,12 +10,18 @@ Sample i (of `num`) has the prompt, stored embeddings and attributes of val imag
               split (default: all train images, cached beside the shards); needs local Inception weights
               (see ddpdiff/fid.py).
 A metric whose inputs are missing is skipped with a message saying how to provide them.
+
+Held-out pairs (`held_out`, issue #19): attribute pairs never shown together in training, asked for together
+in val prompts that have both; the classifier says whether a sample shows both, and where one attribute is a
+hair colour, the other's region (located from real images) says whether its own colour survived or the hair
+colour leaked into it (`binding`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -23,7 +29,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import clip, data, dist, fid, synthetic
-from .celeba import ATTRIBUTES
+from .celeba import ATTRIBUTES, HAIR_COLOURS
 from .errors import UsageError
 from .images import as_saved, to_pil, to_uint8
 from .models import ClassifierMeta, DenoiserMeta
@@ -71,13 +77,17 @@ def load_classifier(path: str | Path, device: str | torch.device | None = None) 
 
 
 @torch.no_grad()
-def attribute_hits(model: nn.Module, images: torch.Tensor, attrs: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Where the classifier agrees with the 0/1 attributes: [N, 40] float, 1.0 = agrees."""
+def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """The classifier's verdict on each image and attribute: bool [N, 40], True = present."""
     device = next(model.parameters()).device
     out = [(model(images[i:i + batch_size].to(device)).float() > 0).cpu()
            for i in range(0, len(images), batch_size)]
-    predicted = torch.cat(out) if out else torch.zeros(0, attrs.shape[1], dtype=torch.bool)
-    return (predicted == attrs.bool()).float()
+    return torch.cat(out) if out else torch.zeros(0, len(ATTRIBUTES), dtype=torch.bool)
+
+
+def attribute_hits(model: nn.Module, images: torch.Tensor, attrs: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Where the classifier agrees with the 0/1 attributes: [N, 40] float, 1.0 = agrees."""
+    return (predict(model, images, batch_size) == attrs.bool()).float()
 
 
 def clip_scores(encoder: clip.Encoder, images: torch.Tensor, text_emb: np.ndarray, batch_size: int = 64,
@@ -87,6 +97,104 @@ def clip_scores(encoder: clip.Encoder, images: torch.Tensor, text_emb: np.ndarra
               for i in tqdm(range(0, len(images), batch_size), desc="clip", disable=not progress)]
     image_emb = np.concatenate(chunks) if chunks else np.zeros((0, encoder.dim), np.float32)
     return torch.from_numpy((image_emb.astype(np.float64) * np.asarray(text_emb, np.float64)).sum(1))
+
+
+# Held-out pairs: composition (both attributes shown) and binding (each keeps its own colour).
+
+Pair = synthetic.Pair
+REGION_IMAGES = 2000  # the first train images, which locate an attribute and give its colours
+REGION_FRACTION = 0.5  # an attribute's region: where its colour change is at least this part of the largest
+HELD_OUT_FIGURES = ("attr_acc", "both", "own_colour", "binding")  # the columns of `pair_sums`, then the count
+HELD_OUT_SKIP = "held_out skipped: it needs attr_acc's attribute classifier (--classifier)"
+
+
+def parse_held_out(pairs: str | Iterable[Sequence[str]]) -> list[Pair]:
+    """Attribute pairs from "A+B,C+D" or a list of pairs (as `synthetic.parse_pairs` reads them)."""
+    text = pairs if isinstance(pairs, str) else ",".join("+".join(pair) for pair in pairs)
+    try:
+        return list(dict.fromkeys(synthetic.parse_pairs(text)))
+    except ValueError as e:
+        raise EvalError(f"--held-out: {e}") from None
+
+
+def colour_pair(pair: Pair) -> tuple[str, str] | None:
+    """(the colour attribute, the other) when exactly one attribute of the pair is a hair colour, else None."""
+    a, b = pair
+    if (a in HAIR_COLOURS) == (b in HAIR_COLOURS):
+        return None
+    return (a, b) if a in HAIR_COLOURS else (b, a)
+
+
+@dataclass(frozen=True)
+class ColourCheck:
+    """Where the colourless attribute of a pair shows, its own colour there, and the colour attribute's colour
+    that could leak into it; all measured on real images (`colour_check`)."""
+
+    colour: str  # the colour attribute, e.g. Blond_Hair
+    other: str  # the other attribute, e.g. Mustache
+    region: torch.Tensor  # bool [H, W]: where `other` shows
+    own: torch.Tensor  # float64 [3]: `other`'s mean colour in `region` on real images without `colour`
+    leak: torch.Tensor  # float64 [3]: `colour`'s mean colour in its own region on real images with it
+
+    def to_dict(self) -> dict:
+        return {"colour": self.colour, "other": self.other, "pixels": int(self.region.sum()),
+                "own": [round(c, 1) for c in self.own.tolist()], "leak": [round(c, 1) for c in self.leak.tolist()]}
+
+
+def attribute_region(pixels: torch.Tensor, has: torch.Tensor, fraction: float = REGION_FRACTION) -> torch.Tensor:
+    """Where an attribute shows, bool [H, W]: the pixels where the mean of the images (uint8 [N, H, W, 3]) with
+    it (`has`, bool [N]) differs in colour from the mean of those without it by at least `fraction` of the
+    largest such difference. Data-driven, so it finds a mustache or a hair line wherever the data draws it."""
+    change = (pixels[has].double().mean(0) - pixels[~has].double().mean(0)).norm(dim=-1)
+    return change >= fraction * change.max()
+
+
+def region_colours(pixels: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+    """Each image's mean colour in a region: float64 [N, 3] from uint8 [N, H, W, 3] and bool [H, W]."""
+    return pixels[:, region].double().mean(1)
+
+
+def colour_check(pixels: torch.Tensor, attrs: torch.Tensor, colour: str, other: str,
+                 fraction: float = REGION_FRACTION) -> ColourCheck:
+    """The `ColourCheck` of a pair from real images (uint8 [N, H, W, 3]) and their 0/1 attributes [N, 40].
+
+    `other`'s region is located among the images without `colour` (so a correlation between the two does not
+    move it); a ValueError names what the images lack to locate either attribute.
+    """
+    has_colour, has_other = (attrs[:, ATTRIBUTES.index(name)].bool() for name in (colour, other))
+    plain = ~has_colour
+    needed = {colour: has_colour, f"no {colour}": plain, f"{other} without {colour}": has_other & plain,
+              f"neither {other} nor {colour}": ~has_other & plain}
+    missing = [what for what, rows in needed.items() if not rows.any()]
+    if missing:
+        raise ValueError(f"no real image with {' or with '.join(missing)}")
+    region = attribute_region(pixels[plain], has_other[plain], fraction)
+    return ColourCheck(colour, other, region, own=region_colours(pixels[has_other & plain], region).mean(0),
+                       leak=region_colours(pixels[has_colour], attribute_region(pixels, has_colour, fraction)).mean(0))
+
+
+def shows_own_colour(pixels: torch.Tensor, check: ColourCheck) -> torch.Tensor:
+    """Per image (uint8 [N, H, W, 3]), bool [N]: whether its mean colour in the check's region is closer to the
+    attribute's own colour than to the colour attribute's (False: the colour leaked, or the attribute is not
+    there)."""
+    colours = region_colours(pixels, check.region)
+    return (colours - check.own).norm(dim=1) < (colours - check.leak).norm(dim=1)
+
+
+def pair_sums(predicted: torch.Tensor, attrs: torch.Tensor, pair: Pair, chosen: Sequence[int],
+              own: torch.Tensor | None) -> torch.Tensor:
+    """Sums over the images of one pair, float64 [5], in the order of HELD_OUT_FIGURES then the count:
+    attribute accuracy (each image's mean over the `chosen` columns), both attributes of the pair shown,
+    own colour, binding (both shown and own colour), images.
+
+    `predicted`: the classifier's bool [N, 40]; `attrs`: the prompts' 0/1 [N, 40]; `own`: `shows_own_colour`,
+    or None where no colour check applies (then binding is both)."""
+    a, b = (ATTRIBUTES.index(name) for name in pair)
+    accuracy = (predicted == attrs.bool())[:, list(chosen)].double().mean(1)
+    both = predicted[:, a] & predicted[:, b]
+    own = torch.ones_like(both) if own is None else own
+    return torch.tensor([accuracy.sum().item(), both.sum().item(), own.sum().item(), (both & own).sum().item(),
+                         len(both)], dtype=torch.float64)
 
 
 def _take(batch: dict, rows: list[int]) -> dict:
@@ -110,6 +218,10 @@ class Evaluator:
             feature network, uint8 [B,3,H,W] -> [B,D] (its reference statistics are then not cached).
         fid_split, fid_count: FID's reference: the first `fid_count` images of `fid_split` (None: all).
         encoder: the CLIP encoder for clip_score when the caller has it loaded already.
+        held_out: attribute pairs ("A+B,C+D" or a list) to test for composition and binding: `held_out_num`
+            samples per pair for the val prompts having both (cycling), numbered after the `num` ordinary
+            ones (so their seeds differ), rank r taking r, r + world_size, … of all pairs' samples in turn;
+            their ceiling is the val images with the pair. Needs attr_acc's classifier.
         log: where skip messages go (the CLI keeps stdout for the JSON report).
     """
 
@@ -118,6 +230,7 @@ class Evaluator:
                  inception: str | Path | nn.Module | None = None, device: str | torch.device | None = None,
                  batch_size: int = 64, clip_pretrained: str | None = None, encoder: clip.Encoder | None = None,
                  fid_split: str = "train", fid_count: int | None = None,
+                 held_out: str | Iterable[Sequence[str]] | None = None, held_out_num: int = 32,
                  rank: int = 0, world_size: int = 1, progress: bool = False,
                  log: Callable[[str], None] = lambda msg: None):
         # No metrics is allowed here (the val prompts and seeds alone, as tools/bench_sample.py times them);
@@ -168,8 +281,87 @@ class Evaluator:
                 self._skip("fid", fid.SKIP_MESSAGE, log)
             else:
                 self.inception, self.inception_file = fid.load(path, device=self.device), path
+        self._held_out_setup(shards, manifest, held_out, held_out_num, rank, world_size, log)
         self._real_sums: dict[str, torch.Tensor] | None = None
         self._reference: tuple[fid.Stats, Path | None] | None = None
+
+    def _held_out_setup(self, shards: str | Path, manifest: dict, held_out: str | Iterable[Sequence[str]] | None,
+                        num: int, rank: int, world_size: int, log: Callable[[str], None]) -> None:
+        """This rank's share of the held-out pairs' samples and real images, and the pairs' colour checks."""
+        self.held_out, self.held_out_num = (parse_held_out(held_out) if held_out is not None else []), num
+        self.held_out_samples = self.held_out_real = None
+        self.colour_checks: dict[Pair, ColourCheck] = {}
+        self._held_out_real_sums: torch.Tensor | None = None
+        if not self.held_out:
+            return
+        if num < 1:
+            raise EvalError(f"--held-out-num {num}: expected at least 1 sample per pair")
+        if "attr_acc" not in self.metrics:
+            if "attr_acc" not in self.skipped:
+                raise EvalError("--held-out needs attr_acc in --metrics: its classifier judges the pairs")
+            self.held_out = []
+            self.skipped["held_out"] = HELD_OUT_SKIP
+            log(HELD_OUT_SKIP)
+            return
+        val = torch.from_numpy(data.split_attributes(shards, "val")).bool()
+        rows = [torch.nonzero(val[:, ATTRIBUTES.index(a)] & val[:, ATTRIBUTES.index(b)]).flatten().tolist()
+                for a, b in self.held_out]
+        for (a, b), found in zip(self.held_out, rows):
+            if not found:
+                raise EvalError(f"--held-out {a}+{b}: no val image of {shards} has both attributes, so no val prompt "
+                                "asks for the pair")
+        samples = [(k, found[j % len(found)], self.num + k * num + j) for k, found in enumerate(rows)
+                   for j in range(num)][rank::world_size]
+        real = [(k, row) for k, found in enumerate(rows) for row in found[:num]][rank::world_size]
+        if samples:
+            self.held_out_samples = {**data.read_samples(shards, "val", rows=[r for _, r, _ in samples]),
+                                     "index": [i for _, _, i in samples], "pair": [k for k, _, _ in samples]}
+        if real:
+            self.held_out_real = {**data.read_samples(shards, "val", rows=[r for _, r in real], tokens=False),
+                                  "pair": [k for k, _ in real]}
+        coloured = {pair: c for pair in self.held_out if (c := colour_pair(pair))}
+        if coloured:
+            n = min(REGION_IMAGES, data.split_count(manifest, "train"))
+            reference = data.read_samples(shards, "train", n=n, tokens=False)
+            pixels = to_uint8(reference["image"])
+            for pair, (colour, other) in coloured.items():
+                try:
+                    self.colour_checks[pair] = colour_check(pixels, reference["attrs"], colour, other)
+                except ValueError as e:
+                    raise EvalError(f"--held-out {'+'.join(pair)}: the first {n} train images of {shards} cannot "
+                                    f"locate {other} and its colour: {e}") from None
+
+    def _held_out_sums(self, images: torch.Tensor | None, batch: dict | None) -> torch.Tensor:
+        """`pair_sums` per held-out pair of this rank's images (None: it has none), reduced over all ranks:
+        float64 [pairs, 5]."""
+        sums = torch.zeros(len(self.held_out), len(HELD_OUT_FIGURES) + 1, dtype=torch.float64)
+        if batch is not None:
+            predicted, pixels = predict(self.classifier, images, self.batch_size), to_uint8(images)
+            chosen = [ATTRIBUTES.index(a) for a in self.attributes]
+            pair_of = torch.tensor(batch["pair"])
+            for k, pair in enumerate(self.held_out):
+                mine = pair_of == k
+                check = self.colour_checks.get(pair)
+                sums[k] = pair_sums(predicted[mine], batch["attrs"][mine], pair, chosen,
+                                    shows_own_colour(pixels[mine], check) if check else None)
+        return dist.all_sum(sums)
+
+    def _held_out_report(self, generate: Callable[[dict], torch.Tensor]) -> dict:
+        batch = self.held_out_samples
+        images = None if batch is None else as_saved(_generated(generate, batch))
+        gen = self._held_out_sums(images, batch)
+        if self._held_out_real_sums is None:
+            real = self.held_out_real
+            self._held_out_real_sums = self._held_out_sums(None if real is None else real["image"], real)
+        pairs = {}
+        for pair, g, r in zip(self.held_out, gen, self._held_out_real_sums):
+            check = self.colour_checks.get(pair)
+            names = [name for name in HELD_OUT_FIGURES if check or name != "own_colour"]
+            pairs["+".join(pair)] = {
+                "samples": {name: g[HELD_OUT_FIGURES.index(name)].item() / g[-1].item() for name in names},
+                "real": {name: r[HELD_OUT_FIGURES.index(name)].item() / r[-1].item() for name in names},
+                "num": int(g[-1]), "num_real": int(r[-1]), "colour_check": check.to_dict() if check else None}
+        return {"num": self.held_out_num, "attributes": self.attributes, "pairs": pairs}
 
     def _skip(self, metric: str, message: str, log: Callable[[str], None]) -> None:
         self.metrics.remove(metric)
@@ -215,15 +407,15 @@ class Evaluator:
         `batch` holds `index` (each sample's number), `prompt`, `attrs`, `clip_text` (and `tokens`, `token_mask`
         when the shards have them): what `Pipeline.generate_for` reads.
         """
-        images = generate(self.samples)
-        if len(images) != len(self.samples["prompt"]):
-            raise EvalError(f"generate returned {len(images)} images for {len(self.samples['prompt'])} prompts")
+        images = _generated(generate, self.samples)
         gen = self._sums(as_saved(images), self.samples)  # 8-bit, as saved and as the real ones
         if self._real_sums is None:
             self._real_sums = self._sums(self.real["image"], self.real)
         out = self._report(gen, self._real_sums)
         if "fid" in self.metrics:
             out["fid"] = self._fid_report(self._fid_stats(images))
+        if self.held_out:
+            out["held_out"] = self._held_out_report(generate)
         return out
 
     def _fid_report(self, samples: fid.Stats) -> dict:
@@ -249,6 +441,14 @@ class Evaluator:
         return out
 
 
+def _generated(generate: Callable[[dict], torch.Tensor], batch: dict) -> torch.Tensor:
+    """`generate(batch)`, checked to be one image per prompt."""
+    images = generate(batch)
+    if len(images) != len(batch["prompt"]):
+        raise EvalError(f"generate returned {len(images)} images for {len(batch['prompt'])} prompts")
+    return images
+
+
 def scalars(report: dict) -> tuple[dict[str, float], dict[str, float]]:
     """TensorBoard scalars of a report: the headline ones, and the per-attribute accuracies."""
     head, detail = {}, {}
@@ -261,7 +461,26 @@ def scalars(report: dict) -> tuple[dict[str, float], dict[str, float]]:
                      "eval/clip_score_real": report["clip_score"]["real"]})
     if "fid" in report:
         head.update({"eval/fid": report["fid"]["value"], "eval/kid": report["fid"]["kid"]})
+    if "held_out" in report:
+        head.update(_held_out_scalars(report["held_out"]))
     return head, detail
+
+
+def _held_out_scalars(held_out: dict) -> dict[str, float]:
+    """eval/held_out/A+B/FIGURE and FIGURE_real for each pair."""
+    return {f"eval/held_out/{pair}/{name}{suffix}": v[side][name] for pair, v in held_out["pairs"].items()
+            for side, suffix in (("samples", ""), ("real", "_real")) for name in v[side]}
+
+
+def _held_out_lines(held_out: dict) -> list[str]:
+    """The summary's lines for the held-out pairs: each figure beside its real-image ceiling."""
+    head = (f"held-out pairs ({held_out['num']} samples each for val prompts with both; real: the val images "
+            "with the pair):")
+    lines = [head]
+    for pair, v in held_out["pairs"].items():
+        figures = "  ".join(f"{name} {v['samples'][name]:.3f} (real {v['real'][name]:.3f})" for name in v["samples"])
+        lines.append(f"  {pair:<24} {figures}")
+    return lines
 
 
 def summary(report: dict) -> str:
@@ -281,5 +500,7 @@ def summary(report: dict) -> str:
         r = f["reference"]
         lines.append(f"FID: {f['value']:.2f}, KID: {f['kid']:.5f} ± {f['kid_std']:.5f} ({f['num']} samples vs "
                      f"{r['count']} {r['split']} images" + (f", stats {r['stats']})" if r["stats"] else ")"))
+    if "held_out" in report:
+        lines += _held_out_lines(report["held_out"])
     lines += list(report["skipped"].values())
     return "\n".join(lines)

@@ -14,6 +14,7 @@ from PIL import Image
 from ddpdiff import eval as ev, fid, synthetic, train
 
 from conftest import CONFIGS
+from test_metrics import HELD_OUT
 
 
 def _tb_scalars(run_dir):
@@ -27,25 +28,33 @@ def test_cli_reports_json_to_stdout_a_file_and_tensorboard(diffusion_run, classi
                                                            monkeypatch):
     monkeypatch.delenv(fid.ENV, raising=False)
     assert ev.main(["--checkpoint", str(diffusion_run), "--data", str(shards_dir), "--classifier", str(classifier_run),
-                    "--num", "3", "--steps", "2", "--attributes", "visible", "--no-progress"]) == 0
+                    "--num", "3", "--steps", "2", "--attributes", "visible", "--no-progress",
+                    "--held-out", HELD_OUT, "--held-out-num", "2"]) == 0
     captured = capsys.readouterr()
     report = json.loads(captured.out)
     assert report["step"] == 2 and report["metrics"] == ["attr_acc", "clip_score"]
     assert report["attr_acc"]["attributes"] == list(synthetic.VISIBLE) and report["attr_acc"]["num"] == 3
     assert report["skipped"] == {"fid": fid.SKIP_MESSAGE} and fid.SKIP_MESSAGE in captured.err
     assert "attribute accuracy over 8 attributes, 3 samples" in captured.err
+    held = report["held_out"]
+    assert held["num"] == 2 and list(held["pairs"]) == HELD_OUT.split(",")
+    for pair in held["pairs"].values():
+        assert pair["num"] == 2 and all(0 <= v <= 1 for side in ("samples", "real") for v in pair[side].values())
+    assert held["pairs"]["Brown_Hair+Mustache"]["real"]["own_colour"] == 1.0
+    assert "held-out pairs (2 samples each" in captured.err
     saved = diffusion_run / "eval" / "step_00000002_num3_steps2_guidance3.json"
     assert json.loads(saved.read_text()) == report
-    assert {"eval/attr_acc", "eval/attr_acc_real", "eval/clip_score", "eval/attr_acc/Smiling"} <= set(
+    assert {"eval/attr_acc", "eval/attr_acc_real", "eval/clip_score", "eval/attr_acc/Smiling",
+            "eval/held_out/Brown_Hair+Mustache/binding", "eval/held_out/Wearing_Hat+Eyeglasses/both_real"} <= set(
         _tb_scalars(diffusion_run))
 
-    again = ev.evaluate(diffusion_run, shards_dir, ev.METRICS, num=3, steps=2,
-                        classifier=classifier_run, attributes="visible", progress=False)
+    again = ev.evaluate(diffusion_run, shards_dir, ev.METRICS, num=3, steps=2, classifier=classifier_run,
+                        attributes="visible", progress=False, held_out=HELD_OUT, held_out_num=2)
     assert again == report  # a seed gives the same report
 
 
 @pytest.mark.slow
-def test_cli_errors_are_one_line(diffusion_run, shards_dir, capsys):
+def test_cli_errors_are_one_line(diffusion_run, classifier_run, shards_dir, capsys):
     assert ev.main(["--checkpoint", str(diffusion_run), "--metrics", "attr_acc,bleu"]) == 2
     assert "ddpdiff.eval: error: --metrics: unknown" in capsys.readouterr().err
     assert ev.main(["--checkpoint", str(diffusion_run), "--data", str(shards_dir), "--classifier",
@@ -54,6 +63,12 @@ def test_cli_errors_are_one_line(diffusion_run, shards_dir, capsys):
     assert err.startswith("ddpdiff.eval: error: ") and "not an attribute classifier checkpoint" in err
     assert ev.main(["--checkpoint", str(diffusion_run), "--steps", "500"]) == 2
     assert "--steps 500 is outside 1..100" in capsys.readouterr().err
+    assert ev.main(["--checkpoint", str(diffusion_run), "--held-out", "Blond_Hair+Moustache"]) == 2
+    assert "ddpdiff.eval: error: --held-out: attribute pair 'Blond_Hair+Moustache'" in capsys.readouterr().err
+    assert ev.main(["--checkpoint", str(diffusion_run), "--data", str(shards_dir), "--classifier", str(classifier_run),
+                    "--metrics", "attr_acc", "--num", "2", "--steps", "2", "--held-out", "Blond_Hair+Mustache"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("ddpdiff.eval: error: --held-out Blond_Hair+Mustache: no val image of")
 
 
 @pytest.mark.slow

@@ -143,3 +143,190 @@ def test_fid_reference_is_the_cached_train_split_and_the_report_names_it(shards_
         ev.Evaluator(shards_copy, meta_of(shards_copy), ["fid"], 3, inception=Tiny(), fid_split="holdout")
     with pytest.raises(ev.EvalError, match=rf"--fid-count 100000: the train split of .* has {n_train} images"):
         ev.Evaluator(shards_copy, meta_of(shards_copy), ["fid"], 3, inception=Tiny(), fid_count=100_000)
+
+
+# Held-out pairs: composition and binding.
+
+DARK_MUSTACHE = (45, 30, 20)  # what synthetic.draw_face fills a mustache with
+
+
+def face(attrs: dict, seed: int, mustache: tuple[int, int, int] | None = None) -> np.ndarray:
+    """A synthetic face as the shards store it (centred square, 64x64), its mustache repainted `mustache`."""
+    from PIL import Image
+
+    from ddpdiff.shards import square_crop
+
+    img = np.asarray(synthetic.draw_face(attrs, np.random.default_rng(seed))).copy()
+    if mustache is not None:
+        img[(img == DARK_MUSTACHE).all(-1)] = mustache
+    return np.asarray(square_crop(Image.fromarray(img)).resize((64, 64), Image.Resampling.BICUBIC))
+
+
+def faces(attrs: list[dict], first_seed: int = 0, mustache=None) -> torch.Tensor:
+    return torch.from_numpy(np.stack([face(a, first_seed + i, mustache) for i, a in enumerate(attrs)]))
+
+
+def as_rows(attrs: list[dict]) -> torch.Tensor:
+    return torch.tensor([[a[name] for name in ATTRIBUTES] for a in attrs], dtype=torch.float32)
+
+
+def test_held_out_pairs_are_parsed_with_one_line_errors():
+    assert ev.parse_held_out("Wearing_Hat+Eyeglasses, Blond_Hair+Mustache") == [("Wearing_Hat", "Eyeglasses"),
+                                                                                 ("Blond_Hair", "Mustache")]
+    assert ev.parse_held_out([("Blond_Hair", "Mustache"), ["Blond_Hair", "Mustache"]]) == [("Blond_Hair", "Mustache")]
+    for bad, why in (("Blond_Hair+mustache", "mustache unknown"), ("Smiling", "expected two"),
+                     ("Smiling+Smiling", "expected two different"), ("", "expected A\\+B"),
+                     ([("Smiling", "Mustache", "Eyeglasses")], "expected two")):
+        with pytest.raises(ev.EvalError, match=f"^--held-out: .*{why}") as err:
+            ev.parse_held_out(bad)
+        assert "\n" not in str(err.value)
+    assert ev.colour_pair(("Mustache", "Blond_Hair")) == ("Blond_Hair", "Mustache")
+    assert ev.colour_pair(("Gray_Hair", "Smiling")) == ("Gray_Hair", "Smiling")
+    assert ev.colour_pair(("Wearing_Hat", "Eyeglasses")) is None
+    assert ev.colour_pair(("Black_Hair", "Blond_Hair")) is None
+
+
+def test_colour_check_locates_the_mustache_and_tells_a_blond_one_from_a_dark_one():
+    """From real-like images where blond hair and a mustache never meet (a held-out train split), the check finds
+    the mustache, its dark colour and the blond one; a blond-haired face's dark mustache keeps its own colour, one
+    painted blond (the leak a model might make) does not."""
+    rng = np.random.default_rng(0)
+    attrs = [synthetic.sample_attributes(rng, [("Blond_Hair", "Mustache")]) for _ in range(240)]
+    check = ev.colour_check(faces(attrs), as_rows(attrs), "Blond_Hair", "Mustache")
+    assert (check.colour, check.other) == ("Blond_Hair", "Mustache")
+    rows, cols = torch.nonzero(check.region, as_tuple=True)
+    # the mustache: a thin bar below the face's centre, a small part of the image
+    assert 10 <= len(rows) <= 0.03 * 64 * 64
+    assert 34 <= rows.min() and rows.max() <= 44 and rows.max() - rows.min() <= 4
+    assert 20 <= cols.min() and cols.max() <= 44
+    assert check.own.max() < 110 and check.leak.min() > 90 and (check.leak - check.own).norm() > 150
+
+    # (a mustache drawn more than half outside the region is missed: about 1 in 100 here)
+    blond_mustache = {name: 0 for name in ATTRIBUTES} | {"Blond_Hair": 1, "Mustache": 1}
+    assert ev.shows_own_colour(faces([blond_mustache] * 20, 1000), check).float().mean() >= 0.9
+    assert not ev.shows_own_colour(faces([blond_mustache] * 20, 1000, synthetic.HAIR["Blond_Hair"]), check).any()
+    assert not ev.shows_own_colour(faces([blond_mustache | {"Mustache": 0}] * 10, 1000), check).any()
+    brown = blond_mustache | {"Blond_Hair": 0, "Brown_Hair": 1}
+    assert ev.shows_own_colour(faces([brown] * 10, 2000), check).float().mean() >= 0.9
+    d = check.to_dict()
+    assert d["pixels"] == len(rows) and len(d["own"]) == len(d["leak"]) == 3
+
+    # a region is where the attribute changes the mean image most, wherever that is
+    pixels = torch.zeros(4, 8, 8, 3, dtype=torch.uint8)
+    pixels[:2, 1, 2] = 200
+    pixels[:2, 5, 5] = 60
+    assert torch.equal(torch.nonzero(ev.attribute_region(pixels, torch.tensor([True, True, False, False]))),
+                       torch.tensor([[1, 2]]))
+    with pytest.raises(ValueError, match="no real image with Mustache without Blond_Hair"):
+        ev.colour_check(faces(attrs[:8]), as_rows([a | {"Mustache": int(a["Blond_Hair"])} for a in attrs[:8]]),
+                        "Blond_Hair", "Mustache")
+
+
+def test_pair_sums_count_accuracy_both_own_colour_and_binding():
+    attrs = torch.zeros(4, 40)
+    hat, glasses, smiling = (ATTRIBUTES.index(n) for n in ("Wearing_Hat", "Eyeglasses", "Smiling"))
+    attrs[:, [hat, glasses]] = 1
+    predicted = attrs.bool().clone()
+    predicted[1, glasses] = False  # no glasses shown
+    predicted[2, smiling] = True  # a smile not asked for
+    own = torch.tensor([True, True, False, True])
+    sums = ev.pair_sums(predicted, attrs, ("Wearing_Hat", "Eyeglasses"), [hat, glasses, smiling], own)
+    assert sums.dtype == torch.float64
+    assert sums.tolist() == pytest.approx([1 + 2 / 3 + 2 / 3 + 1, 3, 3, 2, 4])
+    assert ev.pair_sums(predicted, attrs, ("Wearing_Hat", "Eyeglasses"), [hat], None).tolist() == [4, 3, 4, 3, 4]
+    assert ev.pair_sums(predicted[:0], attrs[:0], ("Wearing_Hat", "Eyeglasses"), [hat], None).tolist() == [0] * 5
+
+
+HELD_OUT = "Wearing_Hat+Eyeglasses,Brown_Hair+Mustache"  # both present in the session shards' val split
+
+
+class Everything(nn.Module):
+    """A 'classifier' that sees every attribute in every image."""
+
+    def __init__(self):
+        super().__init__()
+        self.bias = nn.Parameter(torch.ones(40))
+
+    def forward(self, x):
+        return self.bias.expand(len(x), 40)
+
+
+def test_held_out_pairs_are_scored_on_their_val_prompts_beside_the_real_images(shards_dir, classifier_run):
+    n_val = data.split_count(data.load_manifest(shards_dir), "val")
+    val = data.read_samples(shards_dir, "val", n=n_val, tokens=False)
+    evaluator = ev.Evaluator(shards_dir, meta_of(shards_dir), ["attr_acc"], 4, classifier=classifier_run,
+                             attributes="visible", held_out=HELD_OUT, held_out_num=3)
+    batch = evaluator.held_out_samples
+    assert batch["index"] == list(range(4, 10)) and batch["pair"] == [0, 0, 0, 1, 1, 1]
+    for k, (a, b) in enumerate(ev.parse_held_out(HELD_OUT)):
+        with_pair = [key for key, row in zip(val["key"], val["attrs"])
+                     if row[ATTRIBUTES.index(a)] and row[ATTRIBUTES.index(b)]]
+        assert with_pair and {key for key, p in zip(batch["key"], batch["pair"]) if p == k} == set(with_pair)
+        assert [key for key, p in zip(evaluator.held_out_real["key"], evaluator.held_out_real["pair"]) if p == k] \
+            == with_pair[:3]
+    generated = []
+    report = evaluator.run(lambda b: generated.append(b["index"]) or b["image"])
+    assert generated == [[0, 1, 2, 3], list(range(4, 10))]
+    h = report["held_out"]
+    assert h["num"] == 3 and h["attributes"] == list(synthetic.VISIBLE) and list(h["pairs"]) == HELD_OUT.split(",")
+    hat, mustache = h["pairs"]["Wearing_Hat+Eyeglasses"], h["pairs"]["Brown_Hair+Mustache"]
+    assert hat["colour_check"] is None and set(hat["samples"]) == {"attr_acc", "both", "binding"}
+    assert mustache["colour_check"]["colour"] == "Brown_Hair" and mustache["colour_check"]["other"] == "Mustache"
+    assert set(mustache["samples"]) == set(mustache["real"]) == {"attr_acc", "both", "own_colour", "binding"}
+    for pair in (hat, mustache):
+        assert pair["num"] == 3 and pair["num_real"] >= 1
+        assert all(0 <= v <= 1 for side in ("samples", "real") for v in pair[side].values())
+        assert pair["samples"] == pytest.approx(pair["real"])  # the val images themselves, cycled
+        assert pair["samples"]["binding"] <= pair["samples"]["both"]
+    assert mustache["real"]["own_colour"] == 1.0  # a real mustache has its own colour
+    scalars = ev.scalars(report)[0]
+    assert scalars["eval/held_out/Brown_Hair+Mustache/binding"] == mustache["samples"]["binding"]
+    assert scalars["eval/held_out/Wearing_Hat+Eyeglasses/both_real"] == hat["real"]["both"]
+    text = ev.summary(report)
+    assert "held-out pairs (3 samples each" in text and "Brown_Hair+Mustache" in text and "own_colour 1.000" in text
+
+    evaluator.classifier = Everything()
+    evaluator._held_out_real_sums = None
+    blank = evaluator.run(lambda b: torch.zeros(len(b["prompt"]), 3, 64, 64))
+    for name, pair in blank["held_out"]["pairs"].items():
+        a, b = name.split("+")
+        rows = evaluator.held_out_samples["attrs"][torch.tensor(evaluator.held_out_samples["pair"])
+                                                   == list(blank["held_out"]["pairs"]).index(name)]
+        chosen = [ATTRIBUTES.index(x) for x in synthetic.VISIBLE]
+        assert pair["samples"]["attr_acc"] == pytest.approx(rows[:, chosen].mean().item())
+        assert pair["samples"]["both"] == pair["real"]["both"] == 1.0
+        assert pair["real"]["binding"] == 1.0
+    # a grey face has no dark mustache where the real ones have theirs
+    assert blank["held_out"]["pairs"]["Brown_Hair+Mustache"]["samples"]["own_colour"] in (0.0, 1.0)
+
+
+def test_held_out_samples_are_shared_over_ranks(shards_dir, classifier_run):
+    one = ev.Evaluator(shards_dir, meta_of(shards_dir), ["attr_acc"], 4, classifier=classifier_run,
+                       held_out=HELD_OUT, held_out_num=3)
+    ranks = [ev.Evaluator(shards_dir, meta_of(shards_dir), ["attr_acc"], 4, classifier=classifier_run,
+                          held_out=HELD_OUT, held_out_num=3, rank=r, world_size=4) for r in range(4)]
+    assert [r.held_out_samples["index"] for r in ranks] == [[4, 8], [5, 9], [6], [7]]
+    assert sorted(k for r in ranks for k in r.held_out_samples["key"]) == sorted(one.held_out_samples["key"])
+    real = [r.held_out_real for r in ranks]
+    assert sum(len(r["key"]) for r in real if r) == len(one.held_out_real["key"])
+    assert real[-1] is None  # a rank with nothing to score still takes part (its sums are zeros)
+    assert ranks[-1]._held_out_sums(None, None).tolist() == [[0.0] * 5] * 2
+
+
+def test_held_out_bad_input_is_one_line(shards_dir, classifier_run):
+    def make(held_out, **kw):
+        kw = {"metrics": ["attr_acc"], "classifier": classifier_run} | kw
+        return ev.Evaluator(shards_dir, meta_of(shards_dir), kw.pop("metrics"), 2, held_out=held_out, **kw)
+
+    with pytest.raises(ev.EvalError, match=r"--held-out Blond_Hair\+Mustache: no val image of .* has both"):
+        make("Wearing_Hat+Eyeglasses,Blond_Hair+Mustache")
+    with pytest.raises(ev.EvalError, match="--held-out: attribute pair 'Hat\\+Eyeglasses'"):
+        make("Hat+Eyeglasses")
+    with pytest.raises(ev.EvalError, match="--held-out-num 0: expected at least 1"):
+        make(HELD_OUT, held_out_num=0)
+    with pytest.raises(ev.EvalError, match="--held-out needs attr_acc in --metrics"):
+        make(HELD_OUT, metrics=["clip_score"])
+    messages = []
+    skipped = make(HELD_OUT, classifier=None, log=messages.append)
+    assert skipped.held_out == [] and messages == [ev.TRAIN_CLASSIFIER_HINT, ev.HELD_OUT_SKIP]
+    assert skipped.run(lambda b: b["image"])["skipped"]["held_out"] == ev.HELD_OUT_SKIP

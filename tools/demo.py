@@ -80,16 +80,23 @@ def main(argv=None) -> int:
     stage("6. samples from the prompts, upsampled 64 -> 512",
           [py, "-m", "ddpdiff.sample", "--checkpoint", str(run), *[a for p in PROMPTS for a in ("--prompt", p)],
            "--num", "4", "--upsampler", str(sr_run), "--out", str(samples)])
-    stage("7. does the text condition work? attribute accuracy of samples for val prompts",
+    stage("7. does the text condition work? attribute accuracy of samples for val prompts, and for the held-out "
+          "pairs",
           [py, "-m", "ddpdiff.eval", "--checkpoint", str(run), "--data", str(shards), "--metrics", "attr_acc",
            "--num", str(args.eval_num), "--guidance", "3", "--classifier", str(classifier),
-           "--attributes", "visible"])
+           "--attributes", "visible", "--held-out", HOLD_OUT])
     newest = max((run / "eval").glob("*.json"), key=lambda p: p.stat().st_mtime)
-    report = json.loads(newest.read_text())["attr_acc"]
+    report = json.loads(newest.read_text())
+    accuracy = report["attr_acc"]
 
     print(f"\ndemo finished in {time.time() - started:.0f} s")
-    print(f"  attribute accuracy of the samples on the visibly drawn attributes: {report['mean']:.3f} "
-          f"(the classifier on real val images: {report['real_mean']:.3f})")
+    print(f"  attribute accuracy of the samples on the visibly drawn attributes: {accuracy['mean']:.3f} "
+          f"(the classifier on real val images: {accuracy['real_mean']:.3f})")
+    print("  held-out pairs, never together in a training image (samples, then real val images with the pair):")
+    for pair, v in report["held_out"]["pairs"].items():
+        g, r = v["samples"], v["real"]
+        print(f"    {pair:<24} accuracy {g['attr_acc']:.3f} ({r['attr_acc']:.3f}), both shown {g['both']:.3f} "
+              f"({r['both']:.3f}), binding {g['binding']:.3f} ({r['binding']:.3f})")
     print(f"  run directory (config, checkpoints): {run}")
     print(f"  TensorBoard:                        tensorboard --logdir {run / 'tb'} (upsampler: {sr_run / 'tb'})")
     print(f"  samples, 64x64:                     {samples}/p*_s*.png, one grid per prompt p*_grid.png")

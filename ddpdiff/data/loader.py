@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -224,15 +224,26 @@ class _Batches(Dataset):
 
 def read_samples(shards_dir: str | os.PathLike, split: str = "val", n: int = 8, tokens: bool | None = None,
                  extra: tuple[str, ...] = (), max_bad: int = MAX_BAD, report: Callable[[str], None] | None = None,
-                 verify: bool = False) -> dict:
-    """One batch of the first n samples of a split in key order (fixed validation prompts and real images).
+                 verify: bool = False, rows: Sequence[int] | None = None) -> dict:
+    """One batch of the first n samples of a split in key order (fixed validation prompts and real images),
+    or of the samples at positions `rows` of the split when given (n is then ignored).
 
-    Unusable samples among them are replaced and reported as a `Loader` does, counting only these n.
+    Unusable samples among them are replaced and reported as a `Loader` does, counting only these.
     """
     manifest = load_manifest(shards_dir)
     reader = _reader(shards_dir, manifest, split, tokens, extra, verify)
-    if not 1 <= n <= len(reader):
+    if rows is None and not 1 <= n <= len(reader):
         raise DataError(f"read_samples: n={n}, but split {split!r} of {shards_dir} has {len(reader)} samples")
-    batch = reader.read(range(n))
+    rows = range(n) if rows is None else list(rows)
+    if not rows or not 0 <= min(rows) <= max(rows) < len(reader):
+        raise DataError(f"read_samples: rows must be 0..{len(reader) - 1} (split {split!r} of {shards_dir}), and "
+                        "at least one")
+    batch = reader.read(rows)
     _BadSamples(max_bad, report).add(batch.pop(BAD, ()))
     return to_torch(batch)
+
+
+def split_attributes(shards_dir: str | os.PathLike, split: str) -> np.ndarray:
+    """The 0/1 attributes of every sample of a split, uint8 [N, 40], from the shards' index alone (no image or
+    embedding is read): to choose samples by attribute before reading them with `read_samples(rows=...)`."""
+    return index.build(shards_dir, load_manifest(shards_dir), split, False).attrs
