@@ -72,9 +72,10 @@ def load_classifier(path: str | Path, device: str | torch.device | None = None) 
 
 @torch.no_grad()
 def attribute_hits(model: nn.Module, images: torch.Tensor, attrs: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Where the classifier agrees with the 0/1 attributes: [N, 40] float, 1.0 = agrees."""
+    """Where the classifier agrees with the 0/1 attributes of images in [-1, 1] or uint8 ones from the shards
+    (converted on the device, `data.to_float`): [N, 40] float, 1.0 = agrees."""
     device = next(model.parameters()).device
-    out = [(model(images[i:i + batch_size].to(device)).float() > 0).cpu()
+    out = [(model(data.to_float(images[i:i + batch_size], device)).float() > 0).cpu()
            for i in range(0, len(images), batch_size)]
     predicted = torch.cat(out) if out else torch.zeros(0, attrs.shape[1], dtype=torch.bool)
     return (predicted == attrs.bool()).float()
@@ -220,7 +221,7 @@ class Evaluator:
             raise EvalError(f"generate returned {len(images)} images for {len(self.samples['prompt'])} prompts")
         gen = self._sums(as_saved(images), self.samples)  # 8-bit, as saved and as the real ones
         if self._real_sums is None:
-            self._real_sums = self._sums(self.real["image"], self.real)
+            self._real_sums = self._sums(data.to_float(self.real["image"]), self.real)
         out = self._report(gen, self._real_sums)
         if "fid" in self.metrics:
             out["fid"] = self._fid_report(self._fid_stats(images))

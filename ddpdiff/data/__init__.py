@@ -2,11 +2,15 @@
 
 `Loader` gives each rank its batches of an epoch (exact-once over ranks and workers, seeded order, start
 mid-epoch, unusable samples replaced and counted); `read_samples` gives the first samples of a split as
-one batch; `load_manifest` reads and checks `manifest.json`; `verify_shards` checks the shards' sha256
-against it. Errors are `DataError`, with a one-line message naming the file or field.
+one batch. Batches hold uint8 images and float16 embeddings; `to_float` turns such a tensor into what
+models read, after the copy to the device. `load_manifest` reads and checks `manifest.json`;
+`verify_shards` checks the shards' sha256 against it. Errors are `DataError`, with a one-line message
+naming the file or field.
 """
 
+from .batch import to_float
 from .loader import Loader, read_samples, share
 from .manifest import DataError, load_manifest, split_count, verify_shards
 
-__all__ = ["DataError", "Loader", "load_manifest", "read_samples", "share", "split_count", "verify_shards"]
+__all__ = ["DataError", "Loader", "load_manifest", "read_samples", "share", "split_count", "to_float",
+           "verify_shards"]
