@@ -4,7 +4,7 @@ A batch passes through one intermediate form, the *numpy batch*: `image` uint8 [
 `clip_image` float16 [B,D], `tokens` float16 [B,L,Dt] zero-padded with `token_len` int [B], `attrs`
 float32 [B,40], and lists for `prompt`, `key` and extra members. `to_torch` is the only way out of it, so
 batches built sample by sample (`stack`, for `map_sample` hooks) come out exactly like read ones.
-Tensors keep the compact dtypes (uint8 pixels, float16 embeddings: 2.6x fewer bytes than float32 to pass
+Tensors keep the compact dtypes (uint8 pixels, float16 embeddings: 2.3x fewer bytes than float32 to pass
 between processes and copy to a GPU); `to_float` is the one conversion to what models read, on the device.
 A read that replaced unusable samples lists them under the key BAD, which `Loader` takes off again.
 """
