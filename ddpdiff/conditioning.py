@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .clip import Encoder
-from .data.batch import pad, to_torch
+from .data.batch import pad, to_float, to_torch
 
 Source = Literal["text", "image", "mix"]
 # Token states are padded (masked) to a multiple of this on the device: a batch of CLIP's at most 77 tokens
@@ -30,15 +30,15 @@ def from_batch(batch: dict, tokens: bool, device: torch.device | str, source: So
                generator: torch.Generator | None = None) -> Cond:
     """The condition of a training batch: its text or image embedding, or per example either (`mix`, drawn
     from `generator`), plus the token states when the model reads them."""
-    pooled = batch["clip_text"].to(device, non_blocking=True)
+    pooled = to_float(batch["clip_text"], device)
     if source == "image":
-        pooled = batch["clip_image"].to(device, non_blocking=True)
+        pooled = to_float(batch["clip_image"], device)
     elif source == "mix":
         use_image = torch.rand(pooled.shape[0], 1, generator=generator, device=device) < 0.5
-        pooled = torch.where(use_image, batch["clip_image"].to(device, non_blocking=True), pooled)
+        pooled = torch.where(use_image, to_float(batch["clip_image"], device), pooled)
     cond = Cond(pooled=pooled)
     if tokens:
-        states, mask = batch["tokens"].to(device, non_blocking=True), batch["token_mask"].to(device, non_blocking=True)
+        states, mask = to_float(batch["tokens"], device), batch["token_mask"].to(device, non_blocking=True)
         extra = -states.shape[1] % TOKEN_BUCKET
         cond["tokens"], cond["mask"] = F.pad(states, (0, 0, 0, extra)), F.pad(mask, (0, extra))
     return cond

@@ -13,7 +13,10 @@ from .atomic import atomic_write
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """[..., 3, H, W] floats in [-1, 1] -> uint8 [..., H, W, 3] on the CPU, rounded as a PNG stores them."""
+    """[..., 3, H, W] floats in [-1, 1] (or uint8 pixels, as the shards' batches hold them) -> uint8
+    [..., H, W, 3] on the CPU, rounded as a PNG stores them."""
+    if images.dtype == torch.uint8:
+        return images.cpu().movedim(-3, -1)
     pixels = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return pixels.movedim(-3, -1)
 

@@ -336,7 +336,7 @@ def update(tr: TrainState, skip: torch.Tensor) -> None:
 def train_loader(task: Task, **options) -> data.Loader:
     """This rank's loader over the training split of `data.shards`, in the loop's batches, with the data
     section's `max_bad`, `verify` and `timeout_s`; `options` are the task's own (`tokens`, `extra`,
-    `map_sample`). Pinned batches on a GPU (so copies overlap compute)."""
+    `map_sample`). Pinned batches on a GPU, so their copies (in the compact dtypes) overlap compute."""
     cfg, env = task.cfg, task.env
     return data.Loader(cfg.data.shards, split="train", global_batch=cfg.train.global_batch, rank=env.rank,
                        world_size=env.world_size, seed=cfg.train.seed, workers=loader_workers(task),
@@ -367,8 +367,8 @@ def micro_size(task: Task) -> int:
 
 
 def as_input(x: torch.Tensor, task: Task) -> torch.Tensor:
-    """A batch tensor on this rank's device in the model's memory format."""
-    x = x.to(task.env.device, non_blocking=True)
+    """A batch tensor on this rank's device as the model reads it (`data.to_float`), in its memory format."""
+    x = data.to_float(x, task.env.device)
     return x.contiguous(memory_format=torch.channels_last) if task.cfg.train.channels_last else x
 
 

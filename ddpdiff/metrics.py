@@ -78,9 +78,10 @@ def load_classifier(path: str | Path, device: str | torch.device | None = None) 
 
 @torch.no_grad()
 def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """The classifier's verdict on each image and attribute: bool [N, 40], True = present."""
+    """The classifier's verdict on each image and attribute: bool [N, 40], True = present. Images in [-1, 1],
+    or uint8 ones from the shards (converted on the device, `data.to_float`)."""
     device = next(model.parameters()).device
-    out = [(model(images[i:i + batch_size].to(device)).float() > 0).cpu()
+    out = [(model(data.to_float(images[i:i + batch_size], device)).float() > 0).cpu()
            for i in range(0, len(images), batch_size)]
     return torch.cat(out) if out else torch.zeros(0, len(ATTRIBUTES), dtype=torch.bool)
 
@@ -410,7 +411,7 @@ class Evaluator:
         images = _generated(generate, self.samples)
         gen = self._sums(as_saved(images), self.samples)  # 8-bit, as saved and as the real ones
         if self._real_sums is None:
-            self._real_sums = self._sums(self.real["image"], self.real)
+            self._real_sums = self._sums(data.to_float(self.real["image"]), self.real)
         out = self._report(gen, self._real_sums)
         if "fid" in self.metrics:
             out["fid"] = self._fid_report(self._fid_stats(images))

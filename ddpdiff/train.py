@@ -166,7 +166,7 @@ class DiffusionTask:
         s = self.cfg.sample
         if self.val is None:
             self.val = data.read_samples(self.cfg.data.shards, split="val", n=s.num_prompts, tokens=self.tokens)
-            monitor.images("samples/real", step, self.val["image"])
+            monitor.images("samples/real", step, data.to_float(self.val["image"]))
             monitor.text("samples/prompts", step, "\n\n".join(self.val["prompt"]))
         seeds = [image_seed(self.cfg.train.seed, p) for p in range(len(self.val["prompt"]))]
         images = pipe.generate(pipe.condition(self.val), seeds, sampler=s.sampler, steps=s.steps,

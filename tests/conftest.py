@@ -174,6 +174,15 @@ def load_tool(name: str):
     return module
 
 
+def float_batch(batch: dict) -> dict:
+    """A loader batch in the float32 form batches had before they kept uint8 and float16 (the conversion
+    `data.batch.to_torch` made on the host until then): what converting on the device must match bit for bit."""
+    out = dict(batch)
+    out["image"] = torch.empty(batch["image"].shape).copy_(batch["image"]).div_(127.5).sub_(1)
+    out.update({k: v.float() for k, v in batch.items() if isinstance(v, torch.Tensor) and v.dtype == torch.float16})
+    return out
+
+
 def overfit_losses(model, cond: dict, size: int, lr: float, steps: int) -> list[float]:
     """Diffusion losses while fitting one fixed batch (same t and noise every step), for the overfit tests."""
     import torch.nn.functional as F

@@ -4,10 +4,10 @@ that the same U-Net conditioned on nothing cannot."""
 import pytest
 import torch
 
-from ddpdiff import celeba, data, shards, synthetic, train
+from ddpdiff import celeba, conditioning, data, shards, synthetic, train
 from ddpdiff.pipeline import Pipeline
 
-from conftest import CONFIGS
+from conftest import CONFIGS, float_batch
 
 SIZE = 16
 STEPS = 300
@@ -47,6 +47,17 @@ def _hat_redness(x: torch.Tensor) -> torch.Tensor:
     return (region[:, 0] - region[:, 1:].mean(dim=1)).mean(dim=(1, 2))
 
 
+@pytest.mark.parametrize("source", ["text", "image", "mix"])
+def test_the_condition_of_a_compact_batch_is_that_of_the_float_one(shards_dir, source):
+    batch = next(data.Loader(shards_dir, batch_size=6, workers=0).epoch(0))
+    assert batch["tokens"].dtype == batch["clip_text"].dtype == torch.float16
+    got, want = (conditioning.from_batch(b, True, "cpu", source, torch.Generator().manual_seed(1))
+                 for b in (batch, float_batch(batch)))
+    assert got.keys() == want.keys() == {"pooled", "tokens", "mask"}
+    assert all(got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]) for k in got)
+    assert got["pooled"].dtype == got["tokens"].dtype == torch.float32
+
+
 @torch.no_grad()
 def hat_gap(run_dir, shards_dir, t=NOISE_T, null=False) -> float:
     """Mean over val images of the hat redness of the EMA model's x0 prediction from x_t under the image's
@@ -64,7 +75,7 @@ def hat_gap(run_dir, shards_dir, t=NOISE_T, null=False) -> float:
 
     tt = torch.full((n,), t)
     noise = torch.randn(val["image"].shape, generator=torch.Generator().manual_seed(0))
-    x_t = diffusion.q_sample(val["image"], tt, noise)
+    x_t = diffusion.q_sample(data.to_float(val["image"]), tt, noise)
     drop = torch.full((n,), null)
 
     def redness(rows: slice) -> torch.Tensor:

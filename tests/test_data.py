@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
-from conftest import rewrite_tar
+from conftest import float_batch, rewrite_tar
 
 from ddpdiff import shards
 from ddpdiff.data import DataError, Loader, load_manifest, read_samples, verify_shards
+from ddpdiff.data.batch import to_float
 
 # `shards_dir` (conftest) holds 48 images at 8 per shard: 39 train samples in shards of 8, 8, 8, 8 and 7.
 
@@ -110,25 +111,47 @@ def test_batch_matches_the_shards(shards_dir):
     batch = next(Loader(shards_dir, batch_size=6, workers=0).epoch(0))
     dim, token_dim = manifest["clip"]["dim"], manifest["clip"]["token_dim"]
     lengths = [len(ref[k]["clip_tokens.npy"]) for k in batch["key"]]
-    assert batch["image"].shape == (6, 3, 64, 64) and batch["image"].dtype == torch.float32
-    assert batch["image"].min() >= -1 and batch["image"].max() <= 1
+    assert batch["image"].shape == (6, 3, 64, 64) and batch["image"].dtype == torch.uint8
     assert batch["clip_text"].shape == batch["clip_image"].shape == (6, dim)
-    assert batch["tokens"].shape == (6, max(lengths), token_dim) and batch["tokens"].dtype == torch.float32
+    assert batch["clip_text"].dtype == batch["clip_image"].dtype == torch.float16
+    assert batch["tokens"].shape == (6, max(lengths), token_dim) and batch["tokens"].dtype == torch.float16
     assert batch["token_mask"].dtype == torch.bool and batch["attrs"].shape == (6, 40)
     assert len(set(lengths)) > 1  # so the padding below is exercised
     for i, key in enumerate(batch["key"]):
         r = ref[key]
-        image = torch.from_numpy(r["img.npy"]).permute(2, 0, 1).float() / 127.5 - 1
-        assert torch.allclose(batch["image"][i], image, atol=1e-6)
+        assert torch.equal(batch["image"][i], torch.from_numpy(r["img.npy"]).permute(2, 0, 1))
         for name in ("clip_text", "clip_image"):
-            assert torch.equal(batch[name][i], torch.from_numpy(r[f"{name}.npy"]).float())
+            assert torch.equal(batch[name][i], torch.from_numpy(r[f"{name}.npy"]))
         n = lengths[i]
         assert batch["token_mask"][i].tolist() == [True] * n + [False] * (max(lengths) - n)
-        assert torch.equal(batch["tokens"][i, :n], torch.from_numpy(r["clip_tokens.npy"]).float())
+        assert torch.equal(batch["tokens"][i, :n], torch.from_numpy(r["clip_tokens.npy"]))
         assert not batch["tokens"][i, n:].any()
         attrs = json.loads(r["json"])["attrs"]
         assert batch["attrs"][i].tolist() == [attrs[a] for a in manifest["attributes"]]
         assert batch["prompt"][i] == r["txt"].decode()
+
+
+def test_to_float_gives_the_host_conversion_bit_for_bit_wherever_it_runs(shards_dir):
+    levels = torch.arange(256, dtype=torch.uint8)
+    want = torch.from_numpy(np.arange(256, dtype=np.float32) / np.float32(127.5) - np.float32(1))
+    batch = next(Loader(shards_dir, batch_size=5, workers=0).epoch(0))
+    old = float_batch(batch)
+    for device in ["cpu"] + ["cuda"] * torch.cuda.is_available():
+        assert torch.equal(to_float(levels, device).cpu(), want)  # every pixel level, as numpy divides
+        for k in ("image", "clip_text", "clip_image", "tokens"):
+            got = to_float(batch[k], device)
+            assert got.dtype == torch.float32 and got.device.type == device and torch.equal(got.cpu(), old[k])
+    assert old["image"].min() >= -1 and old["image"].max() <= 1
+    assert to_float(old["image"]) is old["image"]  # float32 (a generated image, an SR pair) passes as it is
+    compact = sum(v.nbytes for v in batch.values() if isinstance(v, torch.Tensor))
+    assert compact * 2 < sum(v.nbytes for v in old.values() if isinstance(v, torch.Tensor))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="page-locked memory needs CUDA")
+def test_pin_memory_pins_every_tensor_with_and_without_workers(shards_dir):
+    for workers in (0, 2):
+        batch = next(Loader(shards_dir, batch_size=4, workers=workers, pin_memory=True).epoch(0))
+        assert all(v.is_pinned() for v in batch.values() if isinstance(v, torch.Tensor))
 
 
 def test_manifest_without_token_states_means_no_tokens(shards_copy):
@@ -183,7 +206,7 @@ def test_map_sample_is_deterministic_per_sample_whatever_the_workers(shards_dir)
     _assert_same(list(Loader(shards_dir, workers=2, **kw).epoch(1)), single)
     batch = single[0]
     assert batch["patch"].shape == (4, 16, 16, 3) and batch["patch"].dtype == torch.uint8
-    assert batch["image"].shape == (4, 3, 64, 64) and batch["tokens"].dtype == torch.float32
+    assert batch["image"].shape == (4, 3, 64, 64) and batch["tokens"].dtype == torch.float16
     assert "jpg" not in batch and len(set(batch["draw"].tolist())) == 4
     draws, other_epoch = ({k: d for b in batches for k, d in zip(b["key"], b["draw"].tolist())}
                           for batches in (single, Loader(shards_dir, workers=0, **kw).epoch(2)))

@@ -47,7 +47,7 @@ def test_samples_equal_to_the_val_images_score_exactly_like_them(shards_dir, cla
     evaluator = ev.Evaluator(shards_dir, meta_of(shards_dir), ev.METRICS, 4, classifier=classifier_run,
                              attributes=["Smiling", "Eyeglasses"], inception=Tiny(), batch_size=3,
                              fid_split="val", fid_count=4)
-    report = evaluator.run(lambda batch: batch["image"])
+    report = evaluator.run(lambda batch: data.to_float(batch["image"]))
     a = report["attr_acc"]
     assert a["num"] == a["num_real"] == 4 and a["attributes"] == ["Smiling", "Eyeglasses"]
     assert a["mean"] == a["real_mean"]
@@ -83,7 +83,7 @@ def test_missing_classifier_and_inception_weights_skip_with_how_to(shards_dir, m
     assert evaluator.metrics == ["clip_score"]
     assert messages == [ev.TRAIN_CLASSIFIER_HINT, fid.SKIP_MESSAGE]
     assert "ddpdiff.train_classifier" in messages[0] and "--classifier" in messages[0]
-    report = evaluator.run(lambda batch: batch["image"])
+    report = evaluator.run(lambda batch: data.to_float(batch["image"]))
     assert set(report) >= {"clip_score"} and "attr_acc" not in report and "fid" not in report
     assert report["skipped"] == {"attr_acc": ev.TRAIN_CLASSIFIER_HINT, "fid": fid.SKIP_MESSAGE}
 
@@ -132,7 +132,7 @@ def test_fid_reference_is_the_cached_train_split_and_the_report_names_it(shards_
     weights = random_inception(tmp_path / "inception.pth")
     n_train = data.split_count(data.load_manifest(shards_copy), "train")
     evaluator = ev.Evaluator(shards_copy, meta_of(shards_copy), ["fid"], 3, inception=weights, batch_size=16)
-    report = evaluator.run(lambda batch: batch["image"])
+    report = evaluator.run(lambda batch: data.to_float(batch["image"]))
     ref = report["fid"]["reference"]
     assert ref["split"] == "train" and ref["count"] == n_train and report["fid"]["num"] == 3
     stats = fid.Stats.load(ref["stats"])

@@ -1,7 +1,9 @@
-"""Benchmark the training input pipeline: samples/s per core, single process and with loader workers.
+"""Benchmark the training input pipeline: samples/s per core, single process and with loader workers, and
+the bytes per batch a rank copies to its device.
 
 Per core = samples / CPU seconds of the main process and its workers, so the figure does not depend on
-how many cores the machine has. Without --shards it first writes synthetic 64x64 shards with token
+how many cores the machine has. Bytes per batch: the tensors as the loader gives them (uint8 pixels,
+float16 embeddings) beside the same batch in float32 (`data.to_float`), the form batches had before. Without --shards it first writes synthetic 64x64 shards with token
 states, encoded by a randomly initialised CLIP sized like the shipped 'tiny' config or like ViT-B-32
 (--dims), because only the byte sizes matter here:
 
@@ -55,13 +57,19 @@ def cpu_seconds() -> float:
     return total
 
 
+def batch_bytes(batch: dict) -> tuple[int, int]:
+    """Bytes of a batch's tensors as copied to the device, and once converted to float32 (`data.to_float`)."""
+    tensors = [v for v in batch.values() if isinstance(v, torch.Tensor)]
+    return sum(t.nbytes for t in tensors), sum(data.to_float(t).nbytes for t in tensors)
+
+
 def measure(shards: Path, workers: int, batch_size: int, epochs: int) -> dict:
-    """Index time, then samples/s over `epochs` epochs after a warm-up epoch: wall clock and per CPU second."""
+    """Index time; bytes per batch over a warm-up epoch; then samples/s over `epochs` epochs: wall clock and
+    per CPU second."""
     t0 = time.perf_counter()
     loader = data.Loader(shards, split="train", batch_size=batch_size, workers=workers, tokens=True)
     index_s = time.perf_counter() - t0
-    for _ in loader.epoch(0):
-        pass
+    moved, as_float = (sum(b) / loader.batches_per_epoch for b in zip(*map(batch_bytes, loader.epoch(0))))
     cpu0, t0, samples = cpu_seconds(), time.perf_counter(), 0
     for e in range(1, epochs + 1):
         for batch in loader.epoch(e):
@@ -69,7 +77,8 @@ def measure(shards: Path, workers: int, batch_size: int, epochs: int) -> dict:
     wall, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
     n = loader.batches_per_epoch * batch_size
     return {"workers": workers, "samples_per_epoch": n, "index_us_per_sample": round(index_s / n * 1e6, 1),
-            "samples_per_s": round(samples / wall), "samples_per_cpu_s": round(samples / cpu)}
+            "samples_per_s": round(samples / wall), "samples_per_cpu_s": round(samples / cpu),
+            "mb_per_batch": round(moved / 1e6, 2), "mb_per_batch_float32": round(as_float / 1e6, 2)}
 
 
 def main(argv: list[str] | None = None) -> int:

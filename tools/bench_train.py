@@ -9,7 +9,8 @@ config's autocast, backward, gradient clipping, the optimizer step (fused Adam o
 precision, channels_last and torch.compile come from the config (`--compile` sets train.compile). One
 process, the GPU when there is one. `--synthetic` replaces the shards by one random batch of the config's
 sizes (image 64, CLIP dim 512, token states 512 x `--tokens` 36, all valid: ViT-B-32's widths and the mean
-CelebA prompt length), so it times the model and optimizer only; otherwise batches come from the real
+CelebA prompt length; uint8 pixels and float16 embeddings, as the loader gives them), so it times the model and
+optimizer only (and the conversion to float on the device); otherwise batches come from the real
 `Loader` over `data.shards`, and their time is included.
 
 The first `--warmup` steps are not timed (compilation, autotuning, allocator growth). Each timed step is
@@ -64,16 +65,20 @@ H100_BF16_DENSE_TFLOPS = 989.0
 
 
 class SyntheticLoader:
-    """One random batch of a shard set's sizes, given again at every step (a `Loader` for `loop.batches`)."""
+    """One random batch of a shard set's sizes and the loader's dtypes (uint8 pixels, float16 embeddings, so
+    the step converts them on the device as in training), given again at every step (a `Loader` for
+    `loop.batches`)."""
 
     def __init__(self, batch: int, image_size: int, dim: int, token_dim: int | None, tokens: int, steps: int):
         g = torch.Generator().manual_seed(0)
+        text, image = (torch.nn.functional.normalize(torch.randn(batch, dim, generator=g), dim=-1).half()
+                       for _ in range(2))
         self.batch = {"key": [f"{i:06d}" for i in range(batch)],
-                      "image": torch.rand(batch, 3, image_size, image_size, generator=g) * 2 - 1,
-                      "clip_text": torch.nn.functional.normalize(torch.randn(batch, dim, generator=g), dim=-1),
-                      "clip_image": torch.nn.functional.normalize(torch.randn(batch, dim, generator=g), dim=-1)}
+                      "image": torch.randint(0, 256, (batch, 3, image_size, image_size), generator=g,
+                                             dtype=torch.uint8),
+                      "clip_text": text, "clip_image": image}
         if token_dim:
-            self.batch["tokens"] = torch.randn(batch, tokens, token_dim, generator=g)
+            self.batch["tokens"] = torch.randn(batch, tokens, token_dim, generator=g).half()
             self.batch["token_mask"] = torch.ones(batch, tokens, dtype=torch.bool)
         self.batches_per_epoch = steps
 

@@ -21,6 +21,7 @@ import sys
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
+import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from . import index
@@ -93,7 +94,7 @@ class Loader:
         extra: further members to decode per sample into lists, e.g. ("jpg",) for the full-resolution crop.
         map_sample: fn(sample, rng) -> sample applied to each sample's numpy form (see `batch.unbatch`),
             with rng seeded from (seed, epoch, sample index in the split): the same whatever the workers.
-        pin_memory: page-locked batches, for faster copies to a GPU.
+        pin_memory: page-locked batches, for copies to a GPU that overlap its work (see `batch.to_float`).
         max_bad: unusable samples to replace (see the module doc) before stopping with a DataError that lists
             them; those the scan finds count at once for the whole split, the same on every rank, and those
             found while reading as this rank's batches meet them. 0: any unusable sample is an error.
@@ -148,7 +149,8 @@ class Loader:
             raise DataError(f"Loader.epoch: epoch {epoch} must be >= 0 and start {start} in "
                             f"[0, {self.batches_per_epoch}]")
         if self._workers == 0 or start == self.batches_per_epoch:
-            return self._counted(self._batches[epoch, g] for g in range(start, self.batches_per_epoch))
+            batches = (self._batches[epoch, g] for g in range(start, self.batches_per_epoch))
+            return self._counted(map(_pinned, batches) if self._pin_memory else batches)
         self._positions.epoch, self._positions.start, self._positions.stop = epoch, start, self.batches_per_epoch
         if self._loader is None:
             self._loader = DataLoader(self._batches, batch_size=None, sampler=self._positions,
@@ -177,6 +179,11 @@ class Loader:
         for batch in batches:
             self._bad.add(batch.pop(BAD, ()))
             yield batch
+
+
+def _pinned(batch: dict) -> dict:
+    """The batch with its tensors in page-locked memory, as the DataLoader pins its workers' batches."""
+    return {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 class _Positions(Sampler):
@@ -226,7 +233,8 @@ def read_samples(shards_dir: str | os.PathLike, split: str = "val", n: int = 8, 
                  extra: tuple[str, ...] = (), max_bad: int = MAX_BAD, report: Callable[[str], None] | None = None,
                  verify: bool = False, rows: Sequence[int] | None = None) -> dict:
     """One batch of the first n samples of a split in key order (fixed validation prompts and real images),
-    or of the samples at positions `rows` of the split when given (n is then ignored).
+    or of the samples at positions `rows` of the split when given (n is then ignored), in the same compact
+    form as a `Loader`'s (`batch.to_torch`).
 
     Unusable samples among them are replaced and reported as a `Loader` does, counting only these.
     """
