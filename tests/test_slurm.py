@@ -193,6 +193,18 @@ def _reference_run(reference) -> Path:
     return reference[1].parents[1] / "runs" / "smoke"  # smoke.yaml's run.dir, under the job's directory
 
 
+def _usr1_after_step_2(env, cwd: Path, nodes: int, gpus_per_node: int, train_args: list,
+                       step_timeout_s: float = 120, timeout_s: float = 180) -> tuple[str, dict[str, str], str]:
+    """A train.sh job whose batch shell gets USR1 (what SLURM sends before the time limit) once step 2 is
+    logged: the job id, its final scontrol record and its log."""
+    job = _sbatch(env, cwd, f"--nodes={nodes}", f"--gpus-per-node={gpus_per_node}", TRAIN_SH, *train_args)
+    log = cwd / "logs" / f"ddpdiff-train-{job}.out"
+    _wait_for(log, "step 2 ", timeout_s=step_timeout_s)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=env, check=True)
+    info = _wait(env, job, log, timeout_s=timeout_s)
+    return job, info, _read(log)
+
+
 @pytest.mark.slow
 def test_train_sh_runs_four_ranks_on_two_nodes_to_completion(reference):
     info, log = reference
@@ -216,13 +228,9 @@ def test_a_second_sbatch_of_the_same_command_resumes_where_the_first_ended(clust
 @pytest.mark.slow
 def test_usr1_checkpoints_requeues_and_resumes_to_the_uninterrupted_result(cluster, shards_dir, reference, tmp_path):
     # With loader workers: SLURM's signals reach them too, and they must leave the stop to their rank.
-    job = _sbatch(cluster, tmp_path, "--nodes=2", "--gpus-per-node=2", TRAIN_SH,
-                  *_train_args(shards_dir, "--run.dir", tmp_path / "run", "--data.workers", 2))
-    log = tmp_path / "logs" / f"ddpdiff-train-{job}.out"
-    _wait_for(log, "step 2 ", timeout_s=300)  # 8 workers import torch first
-    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=cluster, check=True)
-    info = _wait(cluster, job, log, timeout_s=600)
-    text = _read(log)
+    _, info, text = _usr1_after_step_2(
+        cluster, tmp_path, 2, 2, _train_args(shards_dir, "--run.dir", tmp_path / "run", "--data.workers", 2),
+        step_timeout_s=300, timeout_s=600)  # 8 workers import torch first
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "1", text
     # One stop at one agreed step, one requeue, and the second start resumes from exactly that checkpoint.
     stops = [line for line in text.splitlines() if line.startswith("stopped by signal")]
@@ -238,13 +246,8 @@ def test_usr1_without_a_newer_checkpoint_is_not_requeued(cluster, shards_dir, tm
     run = tmp_path / "run"
     run.mkdir()
     (run / "checkpoints").write_text("")  # the stop's save fails: nothing newer than at the start
-    job = _sbatch(cluster, tmp_path, "--nodes=1", "--gpus-per-node=1", TRAIN_SH,
-                  *_train_args(shards_dir, "--run.dir", run, "--checkpoint.every_steps", 1000))
-    log = tmp_path / "logs" / f"ddpdiff-train-{job}.out"
-    _wait_for(log, "step 2 ")
-    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=cluster, check=True)
-    info = _wait(cluster, job, log)
-    text = _read(log)
+    _, info, text = _usr1_after_step_2(
+        cluster, tmp_path, 1, 1, _train_args(shards_dir, "--run.dir", run, "--checkpoint.every_steps", 1000))
     assert info["JobState"] == "FAILED" and info["ExitCode"] == "1:0" and info["Restarts"] == "0", text
     assert "no checkpoint newer than step -1; not requeueing" in text, text
 
@@ -257,13 +260,9 @@ def test_a_save_slower_than_torchruns_default_timeout_completes_and_the_restart_
     (hook / "sitecustomize.py").write_text(SLOW_SAVE_HOOK)
     # torchrun's own default would SIGKILL the saving rank 30 s after the SIGTERM.
     env = {**cluster, "PYTHONPATH": str(hook), "SLOW_SAVE_S": "35", "DDPDIFF_MAX_RESTARTS": "0"}
-    job = _sbatch(env, tmp_path, "--nodes=1", "--gpus-per-node=1", TRAIN_SH,
-                  *_train_args(shards_dir, "--run.dir", tmp_path / "run", "--checkpoint.every_steps", 1000))
-    log = tmp_path / "logs" / f"ddpdiff-train-{job}.out"
-    _wait_for(log, "step 2 ")
-    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=cluster, check=True)
-    info = _wait(cluster, job, log)
-    text = _read(log)
+    job, info, text = _usr1_after_step_2(
+        env, tmp_path, 1, 1,
+        _train_args(shards_dir, "--run.dir", tmp_path / "run", "--checkpoint.every_steps", 1000))
     assert "slow save: sleeping 35 s" in text and "stopped by signal SIGTERM" in text, text
     saved = _complete_steps(tmp_path / "run")
     assert len(saved) == 1 and 2 <= saved[0] < STEPS, (saved, text)

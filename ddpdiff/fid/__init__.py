@@ -70,17 +70,15 @@ class Inception(nn.Module):
 
 
 @contextlib.contextmanager
-def _weights_only_loads() -> Iterator[None]:
-    """torch-fidelity calls torch.load(weights_only=False); torch's override makes that the safe unpickler."""
-    before = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
-    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+def _handed(marker: str, state: dict) -> Iterator[None]:
+    """torch-fidelity's constructor always loads its weights itself, unpickling (weights_only=False): it gets
+    the state already read with weights_only=True instead, and the file is read once."""
+    real = torch.load
+    torch.load = lambda f, *args, **kwargs: state if f is marker else real(f, *args, **kwargs)
     try:
         yield
     finally:
-        if before is None:
-            del os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"]
-        else:
-            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = before
+        torch.load = real
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> Inception:
@@ -93,10 +91,11 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> Incepti
         raise FIDError(f"{path}: cannot be read as a state dict ({type(e).__name__}: {str(e)[:200]})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise FIDError(f"{path}: holds a {type(state).__name__}, not a state dict of tensors")
+    marker = f"<the state read from {path}>"  # no file: were it ever read, it would fail loudly
     try:
-        with _weights_only_loads():
+        with _handed(marker, state):
             extractor = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
-                                                    feature_extractor_weights_path=str(path))
+                                                    feature_extractor_weights_path=marker)
     except RuntimeError as e:
         raise FIDError(f"{path}: not Inception weights in torch-fidelity's format ({WEIGHTS_NAME}): "
                        f"{' '.join(str(e).split())[:300]}") from None
