@@ -5,6 +5,9 @@ ones that fail, and read one for inference with its typed metadata.
 `step_XXXXXXXX.pt.sha256` beside it is written after it, so a checkpoint counts only once both exist and
 the checksum matches. Checkpoints a resume could not use move to `RUN/checkpoints/set_aside/`, kept for
 inspection and never counted again.
+
+A `Writer` takes the write off the training loop: the state is copied to host memory (the copy later steps
+cannot change) and written, hashed, renamed and pruned in one background thread, one write at a time.
 """
 
 from __future__ import annotations
@@ -15,8 +18,9 @@ import os
 import re
 import socket
 import sys
+import threading
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Self
 
 import torch
 
@@ -45,6 +49,86 @@ def save(run_dir: str | Path, step: int, state: dict[str, Any], keep: int) -> Pa
     write_text(path.with_name(path.name + ".sha256"), out.sha256.hexdigest() + "\n")
     prune(run_dir, keep, path)
     return path
+
+
+def snapshot(state: Any) -> Any:
+    """A copy of `state` in host memory that nothing else references: containers rebuilt, every tensor copied
+    (same dtype, shape and strides, so it serialises to the same bytes). Device tensors go to pinned buffers
+    with non-blocking copies, waited for once."""
+    cuda = []
+
+    def copy(obj: Any) -> Any:
+        if isinstance(obj, torch.Tensor):
+            out = torch.empty_like(obj, device="cpu", pin_memory=obj.is_cuda)
+            out.copy_(obj.detach(), non_blocking=obj.is_cuda)
+            if obj.is_cuda:
+                cuda.append(obj.device)
+            return out
+        if isinstance(obj, dict):
+            out = type(obj)((k, copy(v)) for k, v in obj.items())
+            if hasattr(obj, "__dict__"):  # a module state_dict's `_metadata` (versions `load_state_dict` reads)
+                out.__dict__.update(copy(vars(obj)))
+            return out
+        if isinstance(obj, (list, tuple)):
+            return type(obj)(copy(v) for v in obj)
+        return obj  # numbers, strings, None: immutable
+
+    out = copy(state)
+    for device in set(cuda):
+        torch.cuda.synchronize(device)
+    return out
+
+
+class Writer:
+    """Writes checkpoints in a background thread, at most one in flight, so the training loop is held only for
+    the copy to host memory (`snapshot`); with `background=False` it writes the live state in the caller,
+    holding no copy. A failed write is kept, and raised by the next `wait` as one line naming the file."""
+
+    def __init__(self, background: bool = True):
+        self.background = background
+        self._thread: threading.Thread | None = None
+        self._error: CheckpointError | None = None
+
+    def start(self, run_dir: str | Path, step: int, state: dict[str, Any], keep: int) -> None:
+        """Write the checkpoint of `step` (`save`), after waiting for the previous write (raising its error)."""
+        self.wait()
+        if self.background:
+            self._thread = threading.Thread(target=self._write, args=(run_dir, step, snapshot(state), keep),
+                                            name="checkpoint-writer")
+            self._thread.start()
+        else:
+            self._write(run_dir, step, state, keep)
+            self.wait()
+
+    def _write(self, run_dir: str | Path, step: int, state: dict[str, Any], keep: int) -> None:
+        try:
+            save(run_dir, step, state, keep)
+        except Exception as e:  # reported on the training thread by `wait`
+            self._error = CheckpointError(f"{path_for(run_dir, step)}: writing the checkpoint failed "
+                                          f"({type(e).__name__}: {' '.join(str(e).split())})")
+            self._error.__cause__ = e
+
+    def wait(self) -> None:
+        """Block until the write in flight (if any) is complete; raise its error, once."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """Leave no write in flight. Its error is raised, or, when the run already ends with another, reported
+        on stderr so that neither is lost."""
+        try:
+            self.wait()
+        except CheckpointError as e:
+            if exc is None:
+                raise
+            print(f"checkpoint: {e}", file=sys.stderr, flush=True)
 
 
 def candidates(run_dir: str | Path) -> list[Path]:

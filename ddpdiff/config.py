@@ -106,6 +106,8 @@ class DiffusionTrainConfig(TrainConfig):
 class CheckpointConfig:
     every_steps: int = _f(1000, "save a checkpoint every N optimizer steps (also at the end and on SIGTERM/SIGUSR1)")
     keep: int = _f(3, "number of newest checkpoints kept")
+    async_write: bool = _f(True, "write checkpoints in a background thread from a copy in host memory (rank 0 "
+                                 "holds one more copy of the state while it writes); false: the loop waits")
 
 
 @dataclass

@@ -398,12 +398,25 @@ def validate(task: Task) -> None:
         raise ConfigError("invalid run: " + "; ".join(problems))
 
 
-def save(tr: TrainState, task: Task) -> None:
-    """Rank 0 writes the checkpoint of the current step (with the config and the model's metadata); all wait."""
+def save(tr: TrainState, task: Task, writer: checkpoint.Writer) -> None:
+    """Rank 0 hands the checkpoint of the current step (with the config and the model's metadata) to `writer`,
+    once the previous write is complete; the loop goes on while it is written (`checkpoint.async_write`)."""
+    on_main(lambda: writer.start(task.cfg.run.dir, tr.step, {**tr.state_dict(), "config": config.to_dict(task.cfg),
+                                                             "meta": task.metadata().to_dict()},
+                                 task.cfg.checkpoint.keep))
+
+
+def on_main(action: Callable[[], None]) -> None:
+    """Run a checkpoint writer's `action` on rank 0; if a write failed, every rank raises (rank 0 the one-line
+    error naming the file), so none is left waiting. All ranks leave together."""
+    error = None
     if dist.is_main():
-        checkpoint.save(task.cfg.run.dir, tr.step, {**tr.state_dict(), "config": config.to_dict(task.cfg),
-                                                    "meta": task.metadata().to_dict()}, task.cfg.checkpoint.keep)
-    dist.barrier()
+        try:
+            action()
+        except checkpoint.CheckpointError as e:
+            error = e
+    if dist.any_rank(error is not None):
+        raise error or checkpoint.CheckpointError("rank 0 could not write a checkpoint (see its error)")
 
 
 # Settings that decide the data order or the network: a resume with other values would silently diverge.
@@ -558,7 +571,8 @@ def _run(task: Task, stop: StopRequest, hold: contextlib.ExitStack) -> int:
             dist.print0(f"stopped by signal {stop.signal or '(on another rank)'} before step {tr.step + 1}; "
                         "nothing new to save, the same command resumes")
             return EX_TEMPFAIL
-        return _loop(task, tr, loader, total_steps, monitor, stop, resumed)
+        writer = hold.enter_context(checkpoint.Writer(cfg.checkpoint.async_write))  # waited for before unlocking
+        return _loop(task, tr, loader, total_steps, monitor, stop, resumed, writer)
     finally:
         monitor.close()
 
@@ -575,8 +589,9 @@ def sync_due(task: Task, step: int, total_steps: int) -> bool:
 
 
 def _loop(task: Task, tr: TrainState, loader: Any, total_steps: int, monitor: Monitor, stop: StopRequest,
-          resumed: bool) -> int:
-    """One optimizer step per global batch, with monitoring, evaluation and checkpoints, then the final save."""
+          resumed: bool, writer: checkpoint.Writer) -> int:
+    """One optimizer step per global batch, with monitoring, evaluation and checkpoints, then the final save,
+    waited for."""
     cfg, env, t = task.cfg, task.env, task.cfg.train
     last_saved = tr.step if resumed else -1
     logger = Logger(monitor, env.device, tr.step, total_steps)
@@ -605,14 +620,15 @@ def _loop(task: Task, tr: TrainState, loader: Any, total_steps: int, monitor: Mo
         if task.eval_due(tr.step):
             task.evaluate(tr.step, tr.ema.model, monitor)
         if due(tr.step, cfg.checkpoint.every_steps) or tr.step == total_steps or stopping:
-            save(tr, task)
+            save(tr, task, writer)
             last_saved = tr.step
         if stopping or tr.step >= total_steps:
             break
 
-    # Final save, unless this step is already on disk.
+    # Final save, unless this step is already saved; the run ends only once it is on disk.
     if last_saved != tr.step:
-        save(tr, task)
+        save(tr, task, writer)
+    on_main(writer.wait)
     if stopping and tr.step < total_steps:
         dist.print0(f"stopped by signal {stop.signal or '(on another rank)'} at step {tr.step}; checkpoint saved, "
                     "the same command resumes")

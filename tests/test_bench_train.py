@@ -19,7 +19,8 @@ def test_bench_train_reports_sane_json(source, shards_dir, python, repo, tmp_pat
     data = ["--data.shards", str(shards_dir)] if source == "shards" else ["--synthetic", "--dim", "64", "--token-dim", "32"]
     out = subprocess.run([python, "tools/bench_train.py", "--config", "jobs/configs/smoke.yaml", *data,
                           "--steps", "2", "--warmup", "1", "--grad-checkpointing", "both", "--peak-tflops", "1",
-                          "--json", str(tmp_path / "bench.json")], cwd=repo, capture_output=True, text=True)
+                          "--saves", "2", "--json", str(tmp_path / "bench.json")], cwd=repo, capture_output=True,
+                         text=True)
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     assert json.loads((tmp_path / "bench.json").read_text()) == report
@@ -33,6 +34,11 @@ def test_bench_train_reports_sane_json(source, shards_dir, python, repo, tmp_pat
         assert math.isclose(r["tflops"], 3 * report["gflops_forward_per_image"] * r["images_per_s"] / 1e3)
         assert math.isclose(r["mfu"], r["tflops"] / 1.0)
     assert set(report["checkpointing"]) == {"memory_saving", "time_cost"}
+    saves = report["checkpoint_saves"]
+    assert saves["bytes"] > 4 * 4 * report["params"]  # model, EMA and two Adam states in fp32
+    for mode in ("blocking", "background"):
+        assert 0 < saves[mode]["held_s_median"] <= saves[mode]["held_s_max"]
+        assert saves[mode]["held_s_median"] <= saves[mode]["written_s_median"]
 
 
 def conv_widths(model: torch.nn.Module) -> list[int]:

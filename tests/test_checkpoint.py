@@ -1,3 +1,7 @@
+import io
+import threading
+import time
+
 import pytest
 import torch
 
@@ -111,3 +115,92 @@ def test_unfinished_save_without_checksum_is_ignored(tmp_path):
 
 def test_no_checkpoint_means_fresh_start(tmp_path):
     assert checkpoint.load_latest(tmp_path) is None
+
+
+
+def _hold_writes(monkeypatch, before_serialising: bool) -> threading.Event:
+    """From now on checkpoint writes stop until the returned event is set, as a slow file system holds them:
+    before serialising the state, or after, with the temporary file complete but not yet renamed."""
+    release, save = threading.Event(), torch.save
+
+    def held(obj, f, *args, **kwargs):
+        if before_serialising:
+            assert release.wait(timeout=60), "the write was never released"
+        save(obj, f, *args, **kwargs)
+        assert release.wait(timeout=60), "the write was never released"
+    monkeypatch.setattr(torch, "save", held)
+    return release
+
+
+def _temporaries(run_dir):
+    return sorted(p.name for p in (run_dir / "checkpoints").glob(".step_*.tmp"))
+
+
+def test_a_background_write_holds_the_state_as_it_was_when_the_save_began(tmp_path, monkeypatch):
+    model = torch.nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
+    state = {"step": 1, "model": model.state_dict(), "groups": [{"lr": 0.1, "betas": (0.9, 0.99)}]}
+    reference = io.BytesIO()
+    torch.save(state, reference)  # what a blocking save writes
+    release = _hold_writes(monkeypatch, before_serialising=True)
+    with checkpoint.Writer() as writer:
+        writer.start(tmp_path, 1, state, keep=2)
+        with torch.no_grad():
+            model.weight.zero_()  # the next steps change the live state in place while the write waits
+        state["groups"][0]["lr"] = 0.2
+        assert checkpoint.candidates(tmp_path) == []
+        release.set()
+    written = checkpoint.path_for(tmp_path, 1)
+    assert written.read_bytes() == reference.getvalue() and checkpoint.verify(written) is None
+
+
+def test_while_a_write_is_in_flight_the_previous_checkpoint_is_the_newest_and_pruning_waits(tmp_path, monkeypatch):
+    checkpoint.save(tmp_path, 1, _state(1), keep=1)
+    release = _hold_writes(monkeypatch, before_serialising=False)
+    with checkpoint.Writer() as writer:
+        writer.start(tmp_path, 2, _state(2), keep=1)
+        deadline = time.monotonic() + 60
+        while not _temporaries(tmp_path):  # serialised, not yet renamed: where a kill leaves a save half-way
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        state, path = checkpoint.load_latest(tmp_path, log=pytest.fail)
+        assert state["step"] == 1 and checkpoint.candidates(tmp_path) == [path]
+        release.set()
+    assert checkpoint.candidates(tmp_path) == [checkpoint.path_for(tmp_path, 2)] and not _temporaries(tmp_path)
+    assert checkpoint.load_latest(tmp_path)[0]["step"] == 2
+
+
+def test_a_failed_background_write_is_raised_by_the_next_save_once(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")  # no run directory can be made under a file
+    writer = checkpoint.Writer()
+    writer.start(blocker, 1, _state(1), keep=2)  # returns at once; the failure comes later
+    pattern = r"^.*file/checkpoints/step_00000001.pt: writing the checkpoint failed \((NotADirectoryError|FileExistsError)"
+    with pytest.raises(checkpoint.CheckpointError, match=pattern) as e:
+        writer.start(tmp_path, 2, _state(2), keep=2)
+    assert "\n" not in str(e.value) and checkpoint.candidates(tmp_path) == []  # step 2 was not started
+    writer.wait()  # raised once
+    writer.start(tmp_path, 3, _state(3), keep=2)
+    writer.wait()
+    assert checkpoint.load_latest(tmp_path)[0]["step"] == 3
+
+
+def test_a_failed_write_is_raised_at_exit_or_reported_beside_the_error_that_ends_the_run(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(checkpoint.CheckpointError, match="step_00000001.pt: writing the checkpoint failed"), \
+            checkpoint.Writer() as writer:
+        writer.start(blocker, 1, _state(1), keep=2)
+    with pytest.raises(FloatingPointError, match="the run's own error"), checkpoint.Writer() as writer:
+        writer.start(blocker, 2, _state(2), keep=2)
+        raise FloatingPointError("the run's own error")
+    assert "step_00000002.pt: writing the checkpoint failed" in capsys.readouterr().err
+
+
+def test_a_blocking_writer_writes_before_it_returns_and_raises_at_once(tmp_path):
+    writer = checkpoint.Writer(background=False)
+    writer.start(tmp_path, 1, _state(1), keep=2)
+    assert checkpoint.verify(checkpoint.path_for(tmp_path, 1)) is None
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(checkpoint.CheckpointError, match="writing the checkpoint failed"):
+        writer.start(blocker, 2, _state(2), keep=2)

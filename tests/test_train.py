@@ -213,6 +213,63 @@ def test_sigkill_at_any_point_then_resume_is_bitwise_identical(shards_dir, tmp_p
     _assert_same_end_state(reference, run)
 
 
+# Imported by the training process when its directory is on PYTHONPATH: the write of checkpoint 8 stops once
+# its temporary file is complete, before the rename, and never goes on (a slow file system, then a kill).
+HELD_WRITE_HOOK = """\
+import sys, threading, time
+if "ddpdiff.train" in sys.orig_argv:
+    import torch
+    save = torch.save
+
+    def held_save(obj, f, *args, **kwargs):
+        save(obj, f, *args, **kwargs)
+        name = str(getattr(getattr(f, "f", f), "name", ""))
+        if ".step_00000008.pt." in name:
+            print("holding", name, "in", threading.current_thread().name, flush=True)
+            time.sleep(3600)
+
+    torch.save = held_save
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_during_a_background_checkpoint_write_resumes_from_the_previous_one(shards_dir, tmp_path, procs,
+                                                                                   capsys):
+    """The write of step 8 is held in the writer thread while training goes on to step 12; a kill then leaves
+    its temporary file, and checkpoint 4 (keep 1: not pruned before 8 is complete) is what the resume finds."""
+    steps = ("--train.max_steps", 12, "--checkpoint.every_steps", 4, "--checkpoint.keep", 1, "--log.every_steps", 1)
+    reference = tmp_path / "reference"
+    assert train.main(_args(shards_dir, reference, *steps)) == 0
+
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(HELD_WRITE_HOOK)
+    run = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))}
+    proc = _single(procs, _args(shards_dir, run, *steps), env=env)
+    proc.read_until(r"^holding .*/\.step_00000008\.pt\.\d+\.tmp in checkpoint-writer$", timeout=240)
+    proc.read_until("^step 12 ", timeout=240)  # the loop went on while the write was in flight
+    proc.kill()
+    assert len(list((run / "checkpoints").glob(".step_00000008.pt.*.tmp"))) == 1
+    assert checkpoint.candidates(run) == [checkpoint.path_for(run, 4)]
+
+    capsys.readouterr()
+    assert train.main(_args(shards_dir, run, *steps)) == 0
+    out = capsys.readouterr().out
+    assert "left by a save that was killed" in out and f"resumed from {checkpoint.path_for(run, 4)} " in out, out
+    _assert_same_end_state(reference, run)
+
+
+def test_background_and_blocking_checkpoint_writes_save_the_same_states(shards_dir, tmp_path):
+    for mode in ("true", "false"):
+        assert train.main(_args(shards_dir, tmp_path / mode, "--checkpoint.async_write", mode)) == 0
+    steps = [[checkpoint.load(p) for p in checkpoint.candidates(tmp_path / mode)] for mode in ("true", "false")]
+    assert [s["step"] for s in steps[0]] == [s["step"] for s in steps[1]] == [6, 3]
+    for background, blocking in zip(*steps):
+        for key in ("model", "ema", "optimizer", "scaler", "step", "epoch", "batch", "samples_seen", "meta"):
+            _assert_same_tensors(background[key], blocking[key], key)
+
+
 def _rank_pid(proc, rank):
     """The pid of one training rank below a torchrun agent, by the RANK torchrun gave it."""
     for pid in _ranks(proc):
@@ -475,8 +532,8 @@ def test_no_usable_checkpoint_refuses_the_run_unless_fresh(shards_dir, tmp_path,
     assert _final(run)["step"] == 2
 
 
-def _single(procs, args):
-    return procs.start([sys.executable, "-m", "ddpdiff.train", *args])
+def _single(procs, args, **kw):
+    return procs.start([sys.executable, "-m", "ddpdiff.train", *args], **kw)
 
 
 @pytest.mark.slow

@@ -2,7 +2,7 @@
 
   python tools/bench_train.py --config jobs/configs/celeba64.yaml [--data.shards DIR | --synthetic] \
       --steps 20 --warmup 5 [--batch N] [--compile] [--grad-checkpointing off|on|both] [--peak-tflops X] \
-      [--reference diffusers] [--json OUT] [--section.field value ...]
+      [--reference diffusers] [--saves N [--save-dir DIR]] [--json OUT] [--section.field value ...]
 
 Each step is the training loop's (ddpdiff/loop.py): the batch from the loader, `DiffusionTask.loss` under the
 config's autocast, backward, gradient clipping, the optimizer step (fused Adam on a GPU), the EMA update;
@@ -24,6 +24,10 @@ high-water mark over the whole process: with `--grad-checkpointing both` the che
 first, so each figure is its own). On CUDA, `host_syncs_per_step` counts the host-device synchronisations
 that `torch.cuda.set_sync_debug_mode` reports inside the timed steps (the target is 0). Prints progress to
 stderr and one JSON object to stdout (and `--json`).
+
+`--saves N` also times N checkpoint saves of the trained state (model, EMA, optimizer, scaler, config), blocking
+(`checkpoint.async_write false`) and in the background (`checkpoint.Writer`): how long each holds the training
+loop, and how long until its file is written, fsynced, hashed and renamed.
 
 `--reference diffusers` also times diffusers' `UNet2DConditionModel` built to the config's U-Net
 (`reference_unet`: the same widths, residual blocks per level, scale-shift time embedding, pooled CLIP
@@ -54,7 +58,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ddpdiff import celeba, config, dist, loop  # noqa: E402
+from ddpdiff import celeba, checkpoint, config, dist, loop  # noqa: E402
 from ddpdiff.config import Config, ConfigError, ModelConfig  # noqa: E402
 from ddpdiff.errors import cli  # noqa: E402
 from ddpdiff.models import DenoiserMeta, count_params, flops_per_image, uses_tokens  # noqa: E402
@@ -236,6 +240,34 @@ class Stepper:
         return result
 
 
+def time_saves(task: DiffusionTask, loader, saves: int, run_dir: Path) -> dict:
+    """How long a checkpoint save holds the training loop (`loop.save`'s `checkpoint.Writer.start`) and how long
+    until its file is complete, blocking (`checkpoint.async_write false`) and in the background, as the median of
+    `saves` saves of each: the task's whole training state after one step (so the optimizer has its state), into
+    a run directory under `run_dir` with `keep` 1. Each save starts once the previous one is complete, as when the write takes less than
+    `checkpoint.every_steps` steps; otherwise the loop also waits for the rest of the previous write."""
+    stepper = Stepper(task, loader)
+    stepper.step(timed=False)
+    state = {**stepper.tr.state_dict(), "config": config.to_dict(task.cfg), "meta": task.metadata().to_dict()}
+    result = {}
+    for mode in ("blocking", "background"):
+        held, written = [], []
+        with checkpoint.Writer(background=mode == "background") as writer:
+            for step in range(1, saves + 1):
+                start = time.perf_counter()
+                writer.start(run_dir / mode, step, state, keep=1)
+                held.append(time.perf_counter() - start)
+                writer.wait()
+                written.append(time.perf_counter() - start)
+        result[mode] = {"held_s_median": statistics.median(held), "held_s_max": max(held),
+                        "written_s_median": statistics.median(written)}
+        dist.print0(f"  checkpoint save ({mode}): holds the loop {1e3 * result[mode]['held_s_median']:.0f} ms, "
+                    f"complete after {1e3 * result[mode]['written_s_median']:.0f} ms (medians of {saves})",
+                    file=sys.stderr)
+    result["bytes"] = checkpoint.candidates(run_dir / "background")[0].stat().st_size
+    return result
+
+
 def model_size(task: DiffusionTask, tokens: int) -> tuple[int, int]:
     """Trainable parameters and forward FLOPs per image of the task's model."""
     model = task.build_model()
@@ -299,11 +331,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reference", choices=["diffusers"],
                         help="also time diffusers' UNet2DConditionModel of the config's sizes, steps interleaved, "
                              "and print ours / its images/s and TFLOP/s (needs the dev extra)")
+    parser.add_argument("--saves", type=int, default=0,
+                        help="also time N checkpoint saves of the trained state, blocking and in the background: how "
+                             "long each holds the training loop and how long until its file is complete")
+    parser.add_argument("--save-dir", type=Path,
+                        help="where --saves writes (default: a temporary directory; pick the file system runs use)")
     parser.add_argument("--json", type=Path, help="also write the JSON result here")
     args, rest = parser.parse_known_args(argv)
     cfg = config.load(args.config, rest)
-    if args.steps < 1 or args.warmup < 0:
-        parser.exit(2, f"{parser.prog}: error: --steps must be >= 1 and --warmup >= 0\n")
+    if args.steps < 1 or args.warmup < 0 or args.saves < 0:
+        parser.exit(2, f"{parser.prog}: error: --steps must be >= 1, --warmup and --saves >= 0\n")
     t = cfg.train
     t.global_batch = args.batch or t.global_batch
     t.compile = t.compile or args.compile
@@ -365,6 +402,9 @@ def main(argv: list[str] | None = None) -> int:
                 report["results"].append(results[0])
                 if args.reference:
                     report["reference"]["results"].append(results[1])
+            if args.saves:
+                with tempfile.TemporaryDirectory(dir=args.save_dir) as save_dir:
+                    report["checkpoint_saves"] = time_saves(task, loaders[0], args.saves, Path(save_dir))
         report["results"].sort(key=lambda r: r["grad_checkpointing"])
         if args.reference:
             report["reference"]["results"].sort(key=lambda r: r["grad_checkpointing"])
