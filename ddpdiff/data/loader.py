@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -224,15 +224,26 @@ class _Batches(Dataset):
 
 def read_samples(shards_dir: str | os.PathLike, split: str = "val", n: int = 8, tokens: bool | None = None,
                  extra: tuple[str, ...] = (), max_bad: int = MAX_BAD, report: Callable[[str], None] | None = None,
-                 verify: bool = False) -> dict:
-    """One batch of the first n samples of a split in key order (fixed validation prompts and real images).
+                 verify: bool = False, rows: Sequence[int] | None = None) -> dict:
+    """One batch of the first n samples of a split in key order (fixed validation prompts and real images),
+    or of the samples at positions `rows` (in that order) when given.
 
-    Unusable samples among them are replaced and reported as a `Loader` does, counting only these n.
+    Unusable samples among them are replaced and reported as a `Loader` does, counting only these.
     """
     manifest = load_manifest(shards_dir)
     reader = _reader(shards_dir, manifest, split, tokens, extra, verify)
-    if not 1 <= n <= len(reader):
+    if rows is None and not 1 <= n <= len(reader):
         raise DataError(f"read_samples: n={n}, but split {split!r} of {shards_dir} has {len(reader)} samples")
-    batch = reader.read(range(n))
+    if rows is not None and not (rows and all(0 <= r < len(reader) for r in rows)):
+        raise DataError(f"read_samples: rows must be positions 0..{len(reader) - 1} of split {split!r} of "
+                        f"{shards_dir}, got {list(rows)[:8]}")
+    batch = reader.read(range(n) if rows is None else rows)
     _BadSamples(max_bad, report).add(batch.pop(BAD, ()))
     return to_torch(batch)
+
+
+def split_attrs(shards_dir: str | os.PathLike, split: str = "val") -> np.ndarray:
+    """The 0/1 attributes of every sample of a split, uint8 [N, 40] in key order, from the index alone (no
+    image is read): to choose samples by attribute before reading them (`read_samples(rows=...)`)."""
+    manifest = load_manifest(shards_dir)
+    return index.build(shards_dir, manifest, split, tokens=False).attrs
