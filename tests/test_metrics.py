@@ -44,7 +44,8 @@ def test_clip_score_of_an_image_with_its_own_embedding_is_one():
 
 
 def test_samples_equal_to_the_val_images_score_exactly_like_them(shards_dir, classifier_run):
-    evaluator = ev.Evaluator(shards_dir, meta_of(shards_dir), ev.METRICS, 4, classifier=classifier_run,
+    evaluator = ev.Evaluator(shards_dir, meta_of(shards_dir), ["attr_acc", "clip_score", "fid"], 4,
+                             classifier=classifier_run,
                              attributes=["Smiling", "Eyeglasses"], inception=Tiny(), batch_size=3,
                              fid_split="val", fid_count=4)
     report = evaluator.run(lambda batch: batch["image"])
