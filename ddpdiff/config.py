@@ -123,6 +123,8 @@ class SampleConfig:
         "dpmpp2m", "dpmpp2m (DPM-Solver++(2M), second order, for 10-20 steps), ddim or ddpm (ancestral)")
     steps: int = _f(20, "sampling steps (respaced, at most diffusion.timesteps)")
     guidance: float = _f(3.0, "classifier-free guidance scale; 0 means unconditional, 1 plain conditional")
+    guidance_interval: list[float] = _f([], "[LO, HI]: guidance only where LO <= t/T < HI (more varied "
+                                            "samples; also in-training evaluation); [] every step")
     eta: float = _f(0.0, "DDIM eta (0 is deterministic)")
 
 
@@ -147,7 +149,7 @@ class ClassifierConfig:
 class EvalConfig:
     every_steps: int = _f(0, "evaluate during training every N steps (all ranks share the work); 0 disables it")
     num: int = _f(64, "generated images per evaluation")
-    metrics: list[str] = _f(["attr_acc", "clip_score"], "any of attr_acc, clip_score, fid")
+    metrics: list[str] = _f(["attr_acc", "clip_score"], "any of attr_acc, clip_score, fid, diversity")
     classifier: str = _f("", "attribute classifier run dir or checkpoint (train_classifier), for attr_acc")
     inception: str = _f("", "local Inception weights file for fid (or env DDPDIFF_INCEPTION_WEIGHTS)")
     steps: int = _f(50, "sampling steps for evaluation")

@@ -1,7 +1,8 @@
-"""Evaluate a diffusion checkpoint: attribute accuracy, CLIP score and FID of samples for val-split prompts.
+"""Evaluate a diffusion checkpoint: attribute accuracy, CLIP score, FID and diversity of samples for val-split
+prompts.
 
   torchrun --nproc_per_node=8 -m ddpdiff.eval --checkpoint runs/celeba64 --classifier runs/classifier \\
-      --inception weights-inception-2015-12-05-6726825d.pth [--num-samples 10000] [--metrics attr_acc,clip_score,fid]
+      --inception weights-inception-2015-12-05-6726825d.pth [--num-samples 10000] [--metrics attr_acc,fid,diversity]
 
 Every rank generates its share of the samples (rank r: samples r, r + world size, ...; under bf16 autocast
 on GPUs) and the metric sums are all-reduced, so the report does not depend on the number of ranks; plain
@@ -13,10 +14,11 @@ the val split, from the seed `python -m ddpdiff.sample --seed SEED` gives prompt
 metric is reported beside the same metric for the real val images (ddpdiff/metrics.py says what each
 measures). --held-out A+B[,C+D] adds --held-out-num samples per attribute pair for the val prompts that
 have both (numbered from N on): does the model compose a pair its training images never showed together,
-and does each attribute keep its own colour (docs/evaluation.md). A metric whose inputs are missing is
-skipped with a message saying how to provide them. The JSON report goes to stdout and to
-RUN/eval/step_S_numN_stepsK_guidanceG.json, the scalars to RUN/tb (TensorBoard). During training the same
-evaluation runs every `eval.every_steps` on all ranks.
+and does each attribute keep its own colour (docs/evaluation.md). Diversity adds K samples for each of P
+val prompts: sample k of val prompt i from the seed the sampling CLI gives prompt i's image k. A metric
+whose inputs are missing is skipped with a message saying how to provide them. The JSON report goes to
+stdout and to RUN/eval/step_S_numN_stepsK_guidanceG[_intervalLO-HI].json, the scalars to RUN/tb
+(TensorBoard). During training the same evaluation runs every `eval.every_steps` on all ranks.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from .images import write_png
 from .metrics import METRICS, Evaluator, parse_attributes, parse_held_out, parse_metrics, scalars, summary
 from .monitor import Monitor
 from .pipeline import Pipeline
-from .sampling import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLER_HELP, SAMPLERS
+from .sampling import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLER_HELP, SAMPLERS, guidance_interval
 
 
 def evaluate(checkpoint: str | Path, shards: str | Path | None = None, metrics: Iterable[str] | str = METRICS,
@@ -47,35 +49,44 @@ def evaluate(checkpoint: str | Path, shards: str | Path | None = None, metrics: 
              clip_pretrained: str | None = None, progress: bool = True, save_samples: str | Path | None = None,
              fid_split: str = "train", fid_count: int | None = None, bf16: bool = True,
              held_out: str | Iterable[Sequence[str]] | None = None, held_out_num: int = 32,
+             guidance_interval: tuple[float, float] | None = None, diversity_prompts: int = 8,
+             diversity_samples: int = 8,
              log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr, flush=True)) -> dict:
     """Generate `num` samples for val prompts with a diffusion checkpoint and report the metrics; call it on
     every rank (after `dist.init`) or in one process.
 
     `shards` defaults to the checkpoint's own data.shards; a seed gives the same report again. With
-    `save_samples`, sample i is also written there as iIIIIII.png. `bf16`: sample under bf16 autocast on GPUs.
-    `held_out`: attribute pairs ("A+B,C+D") measured on `held_out_num` extra samples each (see `Evaluator`).
+    `save_samples`, sample i is also written there as iIIIIII.png (diversity's sample k of val prompt i as
+    iIIIIII_sKKK.png). `bf16`: sample under bf16 autocast on GPUs. `guidance_interval` (LO, HI): guidance only
+    for t/T in it (`sampling.guided`). `held_out`: attribute pairs ("A+B,C+D") measured on `held_out_num`
+    extra samples each (see `Evaluator`).
     """
     metrics = parse_metrics(metrics)
     pipe = Pipeline.from_checkpoint(checkpoint, device, encoder="clip_score" in metrics,
                                     clip_pretrained=clip_pretrained)
-    pipe.check(sampler, steps)
+    pipe.check(sampler, steps, guidance_interval=guidance_interval)
     shards = shards or pipe.shards
     evaluator = Evaluator(shards, pipe.meta, metrics, num, classifier=classifier, attributes=attributes,
                           inception=inception, device=pipe.device, batch_size=batch_size, encoder=pipe.encoder,
                           fid_split=fid_split, fid_count=fid_count, held_out=held_out, held_out_num=held_out_num,
+                          diversity_prompts=diversity_prompts, diversity_samples=diversity_samples,
                           rank=dist.rank(), world_size=dist.world_size(), progress=progress, log=log)
 
     def generate(batch: dict) -> torch.Tensor:
         with pipe.autocast(bf16):
             images = pipe.generate_for(batch, seed, sampler=sampler, steps=steps, guidance=guidance,
-                                       batch_size=batch_size, progress=progress)
+                                       batch_size=batch_size, progress=progress, guidance_interval=guidance_interval)
         if save_samples:
-            for i, image in zip(batch["index"], images):
-                write_png(Path(save_samples) / f"i{i:06d}.png", image)
+            names = ([f"i{i:06d}_s{k:03d}.png" for i, k in zip(batch["index"], batch["sample"])] if "sample" in batch
+                     else [f"i{i:06d}.png" for i in batch["index"]])
+            for name, image in zip(names, images):
+                write_png(Path(save_samples) / name, image)
         return images
     report = evaluator.run(generate)
     settings = {"checkpoint": str(pipe.source), "step": pipe.step, "shards": str(shards), "sampler": sampler,
-                "steps": steps, "guidance": guidance, "seed": seed, "classifier": str(classifier) if classifier else None,
+                "steps": steps, "guidance": guidance,
+                "guidance_interval": list(guidance_interval) if guidance_interval else None, "seed": seed,
+                "classifier": str(classifier) if classifier else None,
                 "ranks": dist.world_size(), "bf16": bf16 and pipe.device.type == "cuda"}
     return {**settings, **report}
 
@@ -102,6 +113,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS,
                    help=f"sampling steps, at most diffusion.timesteps (default {DEFAULT_STEPS})")
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (default 3)")
+    p.add_argument("--guidance-interval", type=guidance_interval, metavar="LO,HI",
+                   help="guidance only where LO <= t/T < HI, the conditional prediction elsewhere (e.g. 0.17,0.88; "
+                        "docs/diffusion.md; default: every step)")
     p.add_argument("--sampler", choices=sorted(SAMPLERS), default=DEFAULT_SAMPLER,
                    help=f"{SAMPLER_HELP} (default {DEFAULT_SAMPLER})")
     p.add_argument("--classifier", metavar="RUN_DIR|FILE",
@@ -119,6 +133,11 @@ def parser() -> argparse.ArgumentParser:
                    "samples for the val prompts with both (needs attr_acc and --classifier)")
     p.add_argument("--held-out-num", type=int, default=32, metavar="N",
                    help="samples per held-out pair, cycling over its val prompts (default 32)")
+    p.add_argument("--diversity-prompts", type=int, default=8, metavar="P",
+                   help="diversity: val prompts whose group (val images with their values of --attributes) has "
+                        "at least K images (default 8)")
+    p.add_argument("--diversity-samples", type=int, default=8, metavar="K",
+                   help="diversity: samples per prompt, and real images per group (default 8)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed; the same seed gives the same report")
     p.add_argument("--batch-size", type=int, default=64, help="images per sampler and metric batch (default 64)")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
@@ -143,14 +162,16 @@ def main(argv: list[str] | None = None) -> int:
                           save_samples=args.save_samples, fid_split=args.fid_split, fid_count=args.fid_count,
                           bf16=not args.fp32, held_out_num=args.held_out_num,
                           held_out=None if args.held_out is None else parse_held_out(args.held_out),
-                          log=lambda msg: dist.print0(msg, file=sys.stderr))
+                          guidance_interval=args.guidance_interval, diversity_prompts=args.diversity_prompts,
+                          diversity_samples=args.diversity_samples, log=lambda msg: dist.print0(msg, file=sys.stderr))
     finally:
         dist.cleanup()
     if env.rank != 0:  # rank 0 alone reports
         return 0
     run_dir = run_dir_of(Path(report["checkpoint"]))
+    interval = "_interval{:g}-{:g}".format(*args.guidance_interval) if args.guidance_interval else ""
     out = run_dir / "eval" / (f"step_{report['step']:08d}_num{args.num}_steps{args.steps}_"
-                              f"guidance{args.guidance:g}.json")
+                              f"guidance{args.guidance:g}{interval}.json")
     text = json.dumps(report, indent=1)
     write_text(out, text + "\n")
     monitor = Monitor(run_dir, enabled=True)

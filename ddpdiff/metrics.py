@@ -9,6 +9,9 @@ Sample i (of `num`) has the prompt, stored embeddings and attributes of val imag
   fid         Fréchet Inception distance (and KID) between the samples and the reference statistics of a
               split (default: all train images, cached beside the shards); needs local Inception weights
               (see ddpdiff/fid.py).
+  diversity   how much the samples of one prompt differ in what the prompt leaves open: the mean pairwise
+              distance (`diversity`) of K samples of each of P val prompts, beside that of K real val images
+              with the same values of the evaluated `attributes` (`diversity_groups`), and their ratio.
 A metric whose inputs are missing is skipped with a message saying how to provide them.
 
 Held-out pairs (`held_out`, issue #19): attribute pairs never shown together in training, asked for together
@@ -26,6 +29,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 from tqdm import tqdm
 
 from . import clip, data, dist, fid, synthetic
@@ -35,7 +39,7 @@ from .images import as_saved, to_pil, to_uint8
 from .models import ClassifierMeta, DenoiserMeta
 from .pipeline import load_network
 
-METRICS = ("attr_acc", "clip_score", "fid")
+METRICS = ("attr_acc", "clip_score", "fid", "diversity")
 TRAIN_CLASSIFIER_HINT = ("attr_acc skipped: no attribute classifier; train one with `torchrun -m "
                          "ddpdiff.train_classifier --config jobs/configs/classifier.yaml` and pass its run "
                          "directory as --classifier (eval.classifier during training)")
@@ -204,6 +208,29 @@ def _take(batch: dict, rows: list[int]) -> dict:
     return {k: v[index] if isinstance(v, torch.Tensor) else [v[i] for i in rows] for k, v in batch.items()}
 
 
+DIVERSITY_SIZE = 16  # images are compared average-pooled to 16x16: layout and colour, not texture
+
+
+def diversity(images: torch.Tensor, size: int = DIVERSITY_SIZE) -> float:
+    """Mean pairwise distance of a set of images [K, 3, H, W] in [-1, 1], K >= 2: the RMS difference of the
+    images average-pooled to size x size, in 8-bit levels. Pooling keeps what a prompt leaves open (face
+    shape and pose, hair, background, their colours) and drops pixel texture and sampler noise, which would
+    add distance without being variety; it needs no network, so the figure is deterministic and exact."""
+    x = F.adaptive_avg_pool2d(images.double(), size).flatten(1)
+    i, j = torch.triu_indices(len(x), len(x), 1)
+    return ((x[i] - x[j]).pow(2).mean(1).sqrt().mean() * 127.5).item()
+
+
+def diversity_groups(attrs: np.ndarray, columns: list[int], prompts: int, size: int) -> list[list[int]]:
+    """Up to `prompts` groups of `size` rows of `attrs` [N, 40] with equal values on `columns`: the first
+    `size` rows of each such group, groups in the order of their first row (so common attribute
+    combinations come first, as often as the data has them). Rows are the val images' positions."""
+    groups: dict[bytes, list[int]] = {}
+    for row, values in enumerate(np.asarray(attrs)[:, columns]):
+        groups.setdefault(values.tobytes(), []).append(row)
+    return [rows[:size] for rows in groups.values() if len(rows) >= size][:prompts]
+
+
 class Evaluator:
     """One evaluation setup, loaded once and run at many steps: this rank's share of the val prompts and
     real images, the classifier, CLIP and Inception, the real-image ceilings and FID's reference statistics
@@ -218,6 +245,7 @@ class Evaluator:
         inception: Inception weights file (None: DDPDIFF_INCEPTION_WEIGHTS or skip fid), or a ready
             feature network, uint8 [B,3,H,W] -> [B,D] (its reference statistics are then not cached).
         fid_split, fid_count: FID's reference: the first `fid_count` images of `fid_split` (None: all).
+        diversity_prompts, diversity_samples: diversity's P prompts and K samples (and real images) each.
         encoder: the CLIP encoder for clip_score when the caller has it loaded already.
         held_out: attribute pairs ("A+B,C+D" or a list) to test for composition and binding: `held_out_num`
             samples per pair for the val prompts having both (cycling), numbered after the `num` ordinary
@@ -232,6 +260,7 @@ class Evaluator:
                  batch_size: int = 64, clip_pretrained: str | None = None, encoder: clip.Encoder | None = None,
                  fid_split: str = "train", fid_count: int | None = None,
                  held_out: str | Iterable[Sequence[str]] | None = None, held_out_num: int = 32,
+                 diversity_prompts: int = 8, diversity_samples: int = 8,
                  rank: int = 0, world_size: int = 1, progress: bool = False,
                  log: Callable[[str], None] = lambda msg: None):
         # No metrics is allowed here (the val prompts and seeds alone, as tools/bench_sample.py times them);
@@ -283,6 +312,8 @@ class Evaluator:
             else:
                 self.inception, self.inception_file = fid.load(path, device=self.device), path
         self._held_out_setup(shards, manifest, held_out, held_out_num, rank, world_size, log)
+        if "diversity" in self.metrics:
+            self._diversity_setup(diversity_prompts, diversity_samples, rank, world_size)
         self._real_sums: dict[str, torch.Tensor] | None = None
         self._reference: tuple[fid.Stats, Path | None] | None = None
 
@@ -364,6 +395,54 @@ class Evaluator:
                 "num": int(g[-1]), "num_real": int(r[-1]), "colour_check": check.to_dict() if check else None}
         return {"num": self.held_out_num, "attributes": self.attributes, "pairs": pairs}
 
+    def _diversity_setup(self, prompts: int, samples: int, rank: int, world_size: int) -> None:
+        """Diversity's prompts (the same on every rank), this rank's share of them (rank r: prompts r,
+        r + world size, …) as one batch of K rows each, and their groups' real images."""
+        if prompts < 1 or samples < 2:
+            raise EvalError(f"--diversity-prompts {prompts} and --diversity-samples {samples}: expected at least "
+                            "1 prompt and 2 samples per prompt")
+        columns = [ATTRIBUTES.index(a) for a in self.attributes]
+        groups = diversity_groups(data.split_attributes(self.shards, "val"), columns, prompts, samples)
+        if not groups:
+            self._skip("diversity", f"diversity skipped: no {samples} val images of {self.shards} share their values "
+                       f"of the {len(columns)} evaluated attributes; evaluate fewer (--attributes, e.g. visible) or "
+                       "lower --diversity-samples", self.log)
+            return
+        self.diversity_size, self.diversity_rows = samples, [rows[0] for rows in groups]
+        self.diversity_prompts = data.read_samples(self.shards, "val", rows=self.diversity_rows)["prompt"]
+        self.diversity_mine = list(range(rank, len(groups), world_size))
+        self.diversity_batch, self.diversity_real = None, torch.zeros(0)
+        if self.diversity_mine:
+            mine = [self.diversity_rows[p] for p in self.diversity_mine]
+            repeat = [j for j in range(len(mine)) for _ in range(samples)]
+            self.diversity_batch = {**_take(data.read_samples(self.shards, "val", rows=mine), repeat),
+                                    "index": [mine[j] for j in repeat], "sample": list(range(samples)) * len(mine)}
+            self.diversity_real = data.to_float(data.read_samples(
+                self.shards, "val", rows=[r for p in self.diversity_mine for r in groups[p]])["image"])
+        self._diversity_real_sums: torch.Tensor | None = None
+
+    def _diversity_sums(self, images: torch.Tensor) -> torch.Tensor:
+        """Diversity of each of this rank's prompts' K images (prompt-major) in its row of a zero [P] buffer,
+        all-reduced: each row has one rank's value and zeros, so the sum is exact on any number of ranks."""
+        every = torch.zeros(len(self.diversity_rows), dtype=torch.float64)
+        for p, group in zip(self.diversity_mine, images.split(self.diversity_size)):
+            every[p] = diversity(group)
+        return dist.all_sum(every)
+
+    def _diversity_report(self, generate: Callable[[dict], torch.Tensor]) -> dict:
+        """Diversity of this rank's samples from `generate`, reduced over ranks, beside the real images'."""
+        if self._diversity_real_sums is None:
+            self._diversity_real_sums = self._diversity_sums(self.diversity_real)
+        images = torch.zeros(0)
+        if self.diversity_batch is not None:
+            images = as_saved(_generated(generate, self.diversity_batch))  # 8-bit, as saved and as the real ones
+        gen, real = self._diversity_sums(images), self._diversity_real_sums
+        return {"samples": gen.mean().item(), "real": real.mean().item(), "ratio": (gen.mean() / real.mean()).item(),
+                "prompts": len(gen), "samples_per_prompt": self.diversity_size, "size": DIVERSITY_SIZE,
+                "attributes": self.attributes,
+                "per_prompt": [{"val_index": v, "prompt": text, "samples": g, "real": r} for v, text, g, r in
+                               zip(self.diversity_rows, self.diversity_prompts, gen.tolist(), real.tolist())]}
+
     def _skip(self, metric: str, message: str, log: Callable[[str], None]) -> None:
         self.metrics.remove(metric)
         self.skipped[metric] = message
@@ -406,8 +485,11 @@ class Evaluator:
         """The report for images `generate(batch)` makes for this rank's samples: [len(batch), 3, H, W] in [-1, 1].
 
         `batch` holds `index` (each sample's number), `prompt`, `attrs`, `clip_text` (and `tokens`, `token_mask`
-        when the shards have them): what `Pipeline.generate_for` reads.
+        when the shards have them): what `Pipeline.generate_for` reads. Diversity's batch also has `sample`
+        (0..K-1 per prompt, `index` the prompt's val position): K images per prompt from distinct seeds.
         """
+        if self.metrics == ["diversity"]:  # it makes its own samples; no others are needed
+            return {**self._report({}, {}), "diversity": self._diversity_report(generate)}
         images = _generated(generate, self.samples)
         gen = self._sums(as_saved(images), self.samples)  # 8-bit, as saved and as the real ones
         if self._real_sums is None:
@@ -417,6 +499,8 @@ class Evaluator:
             out["fid"] = self._fid_report(self._fid_stats(images))
         if self.held_out:
             out["held_out"] = self._held_out_report(generate)
+        if "diversity" in self.metrics:
+            out["diversity"] = self._diversity_report(generate)
         return out
 
     def _fid_report(self, samples: fid.Stats) -> dict:
@@ -464,6 +548,10 @@ def scalars(report: dict) -> tuple[dict[str, float], dict[str, float]]:
         head.update({"eval/fid": report["fid"]["value"], "eval/kid": report["fid"]["kid"]})
     if "held_out" in report:
         head.update(_held_out_scalars(report["held_out"]))
+    if "diversity" in report:
+        d = report["diversity"]
+        head.update({"eval/diversity": d["samples"], "eval/diversity_real": d["real"],
+                     "eval/diversity_ratio": d["ratio"]})
     return head, detail
 
 
@@ -503,5 +591,9 @@ def summary(report: dict) -> str:
                      f"{r['count']} {r['split']} images" + (f", stats {r['stats']})" if r["stats"] else ")"))
     if "held_out" in report:
         lines += _held_out_lines(report["held_out"])
+    if "diversity" in report:
+        d = report["diversity"]
+        lines.append(f"diversity over {d['prompts']} prompts x {d['samples_per_prompt']} samples: {d['samples']:.2f} "
+                     f"levels (real val images of the same attributes: {d['real']:.2f}), ratio {d['ratio']:.3f}")
     lines += list(report["skipped"].values())
     return "\n".join(lines)

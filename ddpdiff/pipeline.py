@@ -90,21 +90,24 @@ class Pipeline:
         time); a no-op on the CPU."""
         return torch.autocast("cuda", torch.bfloat16, enabled=enabled and self.device.type == "cuda")
 
-    def check(self, sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_STEPS, eta: float = 0.0) -> None:
-        problems = check(sampler, steps, eta, self.diffusion.T)
+    def check(self, sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_STEPS, eta: float = 0.0,
+              guidance_interval: Sequence[float] | None = None) -> None:
+        problems = check(sampler, steps, eta, self.diffusion.T, guidance_interval)
         if problems:
             raise SamplingError("; ".join(problems))
 
     def generate(self, cond: Cond, seeds: Sequence[int], sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_STEPS,
                  guidance: float = 3.0, eta: float = 0.0, batch_size: int = 64, progress: bool = False,
-                 ) -> torch.Tensor:
-        """Image i for row i of `cond` from seeds[i]: [len(seeds), 3, H, W] in [-1, 1] on the CPU."""
-        self.check(sampler, steps, eta)
+                 guidance_interval: Sequence[float] | None = None) -> torch.Tensor:
+        """Image i for row i of `cond` from seeds[i]: [len(seeds), 3, H, W] in [-1, 1] on the CPU; guidance
+        only for t/T in `guidance_interval` (LO, HI) when it is given (`sampling.guided`)."""
+        self.check(sampler, steps, eta, guidance_interval)
         if batch_size < 1:
             raise SamplingError("--batch-size must be >= 1")
         size = self.meta.image_size
         return generate(self.model, self.diffusion, cond, seeds, (3, size, size), sampler=sampler, steps=steps,
-                        eta=eta, guidance=guidance, batch_size=batch_size, progress=progress)
+                        eta=eta, guidance=guidance, batch_size=batch_size, progress=progress,
+                        guidance_interval=guidance_interval)
 
     def sample(self, prompts: Sequence[str], num: int = 1, seed: int = 0, **settings) -> torch.Tensor:
         """`num` images per prompt, prompt-major: [len(prompts) * num, 3, H, W] in [-1, 1]. Image s of prompt p
@@ -116,9 +119,11 @@ class Pipeline:
         return self.generate(conditioning.take(self.encode(prompts), rows), seeds, **settings)
 
     def generate_for(self, batch: dict, seed: int, **settings) -> torch.Tensor:
-        """Images for shard samples (evaluation): sample `batch["index"][i]` of a run seeded by `seed` gets
-        `image_seed(seed, index)`, the seed the sampling CLI gives prompt `index`'s first image."""
-        seeds = [image_seed(seed, i) for i in batch["index"]]
+        """Images for shard samples (evaluation): row i of a run seeded by `seed` gets
+        `image_seed(seed, index, sample)` from `batch["index"][i]` and `batch["sample"][i]` (0 without it), the
+        seed the sampling CLI gives image `sample` of prompt `index`."""
+        samples = batch.get("sample", [0] * len(batch["index"]))
+        seeds = [image_seed(seed, i, s) for i, s in zip(batch["index"], samples)]
         return self.generate(self.condition(batch), seeds, **settings)
 
 

@@ -6,7 +6,7 @@
 Prompts are encoded by the CLIP model that made the training embeddings (named in the checkpoint); an
 encoder that disagrees with it is an error. OUT gets pPPP_sSSS.png per image (prompt PPP, sample SSS),
 pPPP_grid.png per prompt, the same with a _SIZE suffix after upsampling, and samples.json recording the
-prompt, seed, sampler, steps, guidance and checkpoint of every file. Each image's noise comes from
+prompt, seed, sampler, steps, guidance (and its interval) and checkpoint of every file. Each image's noise comes from
 (seed, prompt index, sample index), so a seed gives the same files again.
 """
 
@@ -24,7 +24,7 @@ from .errors import cli
 from .images import write_png
 from .models import SRMeta
 from .pipeline import Pipeline, SamplingError, load_network, upsample
-from .sampling import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLER_HELP, SAMPLERS
+from .sampling import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLER_HELP, SAMPLERS, guidance_interval
 
 
 def save(out: Path, images: torch.Tensor, prompts: list[str], num: int, suffix: str = "") -> list[dict]:
@@ -66,6 +66,10 @@ def parser() -> argparse.ArgumentParser:
                    help=f"sampling steps, at most diffusion.timesteps (default {DEFAULT_STEPS})")
     p.add_argument("--guidance", type=float, default=3.0,
                    help="classifier-free guidance: 0 unconditional, 1 conditional, >1 stronger (default 3)")
+    p.add_argument("--guidance-interval", type=guidance_interval, metavar="LO,HI",
+                   help="guidance only where LO <= t/T < HI (fractions of the timesteps, 1 = pure noise), the "
+                        "conditional prediction elsewhere: more varied samples (e.g. 0.17,0.88; docs/diffusion.md; "
+                        "default: every step)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta; 0 is deterministic given the noise (default 0)")
     p.add_argument("--seed", type=int, default=0, help="seed; the same seed gives the same files (default 0)")
     p.add_argument("--batch-size", type=int, default=64, help="images per sampler batch (default 64)")
@@ -91,12 +95,15 @@ def main(argv: list[str] | None = None) -> int:
     upsampler, _, sr_path = load_network(args.upsampler, SRMeta, args.device) if args.upsampler else (None,) * 3
     pipe = Pipeline.from_checkpoint(args.checkpoint, args.device, ema=not args.raw,
                                     clip_pretrained=args.clip_pretrained)
-    pipe.check(args.sampler, args.steps, args.eta)
+    pipe.check(args.sampler, args.steps, args.eta, args.guidance_interval)
     images = pipe.sample(prompts, args.num, args.seed, sampler=args.sampler, steps=args.steps,
-                         guidance=args.guidance, eta=args.eta, batch_size=args.batch_size, progress=True)
+                         guidance=args.guidance, eta=args.eta, batch_size=args.batch_size, progress=True,
+                         guidance_interval=args.guidance_interval)
     out = Path(args.out)
     common = {"seed": args.seed, "sampler": args.sampler, "steps": args.steps, "eta": args.eta,
-              "guidance": args.guidance, "ema": not args.raw, "checkpoint": str(pipe.source)}
+              "guidance": args.guidance,
+              "guidance_interval": list(args.guidance_interval) if args.guidance_interval else None,
+              "ema": not args.raw, "checkpoint": str(pipe.source)}
     records = [{**r, **common} for r in save(out, images, prompts, args.num)]
     if upsampler is not None:
         big = upsample(upsampler, images, args.sr_batch_size)

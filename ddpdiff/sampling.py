@@ -146,25 +146,51 @@ SAMPLER_HELP = ("ddim (deterministic with --eta 0), ddpm (ancestral) or dpmpp2m 
                 "second order, for 10-20 steps; docs/diffusion.md)")
 
 
-def guided(model: nn.Module, guidance: float) -> Denoise:
+def guided(model: nn.Module, guidance: float, interval: Sequence[float] | None = None, timesteps: int = 0) -> Denoise:
     """Classifier-free guidance: pred_u + w (pred_c - pred_u), both halves in one batched forward.
 
     Every target is affine in eps at fixed x_t, so mixing predictions equals mixing the noise estimates.
     w = 1 is the conditional model alone and w = 0 the unconditional one: a single forward each.
+
+    `interval` (LO, HI), fractions of the `timesteps` T (None or empty: every step): guidance only where
+    LO <= t/T < HI, the conditional prediction (w = 1, one forward) elsewhere (Kynkäänniemi et al. 2024,
+    "Applying guidance in a limited interval improves sample and distribution quality"): guidance at the
+    highest noise levels decides the composition and pulls the samples of one prompt onto a few, and at the
+    lowest it changes little.
     """
-    def denoise(x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+    def forward(x: torch.Tensor, t: torch.Tensor, cond: dict, w: float) -> torch.Tensor:
         keep = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-        if guidance == 1:
+        if w == 1:
             return model(x, t, cond, keep)
-        if guidance == 0:
+        if w == 0:
             return model(x, t, cond, ~keep)
         pair = {k: torch.cat([v, v]) for k, v in cond.items()}
         c, u = model(torch.cat([x, x]), torch.cat([t, t]), pair, torch.cat([keep, ~keep])).float().chunk(2)
-        return u + guidance * (c - u)
+        return u + w * (c - u)
+
+    if not interval:
+        return lambda x, t, cond: forward(x, t, cond, guidance)
+    lo, hi = (f * timesteps for f in interval)
+
+    def denoise(x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+        inside = (t >= lo) & (t < hi)
+        if inside.all():
+            return forward(x, t, cond, guidance)
+        if not inside.any():
+            return forward(x, t, cond, 1.0)
+        both = forward(x, t, cond, guidance).float(), forward(x, t, cond, 1.0).float()  # rows at other t
+        return torch.where(inside.view(-1, *[1] * (x.dim() - 1)), *both)
     return denoise
 
 
-def check(sampler: str, steps: int, eta: float, timesteps: int) -> list[str]:
+def guidance_interval(text: str) -> tuple[float, float]:
+    """LO,HI as `--guidance-interval` takes it (argparse's type; `check` checks the range)."""
+    lo, hi = (float(v) for v in text.split(","))  # not two numbers: ValueError, argparse names the flag
+    return lo, hi
+
+
+def check(sampler: str, steps: int, eta: float, timesteps: int,
+          interval: Sequence[float] | None = None) -> list[str]:
     """Problems with sampling settings, named by their command-line flags."""
     problems = []
     if sampler not in SAMPLERS:
@@ -173,30 +199,40 @@ def check(sampler: str, steps: int, eta: float, timesteps: int) -> list[str]:
         problems.append(f"--steps {steps} is outside 1..{timesteps} (the checkpoint's diffusion.timesteps)")
     if eta < 0 or (eta and sampler != "ddim"):
         problems.append("--eta must be >= 0 and applies to the ddim sampler only")
-    return problems
+    return problems + interval_problems(interval)
+
+
+def interval_problems(interval: Sequence[float] | None, name: str = "--guidance-interval") -> list[str]:
+    """What is wrong with a guidance interval (None or empty: none, guidance at every step)."""
+    if interval and (len(interval) != 2 or not 0 <= interval[0] < interval[1] <= 1):
+        values = ",".join(f"{v:g}" for v in interval)
+        return [(f"{name} {values}: expected LO,HI with 0 <= LO < HI <= 1 (fractions of the diffusion's "
+                 "timesteps, 1 = pure noise)")]
+    return []
 
 
 @torch.no_grad()
 def generate(model: nn.Module, diff: Diffusion, cond: dict, seeds: Sequence[int], image_shape: tuple[int, ...],
              sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_STEPS, eta: float = 0.0, guidance: float = 1.0,
-             batch_size: int = 64, clip_x0: bool = True, progress: bool = False) -> torch.Tensor:
+             batch_size: int = 64, clip_x0: bool = True, progress: bool = False,
+             guidance_interval: Sequence[float] | None = None) -> torch.Tensor:
     """Image i from `model(x_t, t, cond, drop)` (in eval mode) for row i of `cond`, all its noise from
     seeds[i] (`per_image`): [len(seeds), *image_shape] in [-1, 1], on the CPU.
 
     The same seeds and condition give the same images whatever the batch size (up to the kernels' own
-    batch-size dependence, ~1e-6), on any device up to its arithmetic.
+    batch-size dependence, ~1e-6), on any device up to its arithmetic. `guidance_interval`: see `guided`.
     """
-    problems = check(sampler, steps, eta, diff.T)
+    problems = check(sampler, steps, eta, diff.T, guidance_interval)
     if problems:
         raise ValueError("; ".join(problems))
     device = next(model.parameters()).device
     options = {"eta": eta} if sampler == "ddim" else {}
-    out = []
+    denoise, out = guided(model, guidance, guidance_interval, diff.T), []
     for start in range(0, len(seeds), batch_size):
         rows = slice(start, start + batch_size)
         noise = per_image(seeds[rows], device)
         x_T = noise((len(seeds[rows]), *image_shape))
-        x0 = SAMPLERS[sampler](guided(model, guidance), diff, x_T, {k: v[rows] for k, v in cond.items()},
+        x0 = SAMPLERS[sampler](denoise, diff, x_T, {k: v[rows] for k, v in cond.items()},
                                steps=steps, noise=noise, clip_x0=clip_x0, progress=progress, **options)
         out.append(x0.clamp(-1, 1).cpu())
     return torch.cat(out) if out else torch.zeros(0, *image_shape)

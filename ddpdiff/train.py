@@ -26,7 +26,7 @@ from .images import write_png
 from .models import DenoiserMeta
 from .monitor import Monitor
 from .pipeline import Pipeline
-from .sampling import image_seed
+from .sampling import image_seed, interval_problems
 
 
 def eval_problems(cfg: Config, world_size: int, manifest: dict) -> list[str]:
@@ -85,7 +85,7 @@ class TrainingEval:
                 world_size=env.world_size, log=lambda msg: dist.print0(msg, file=sys.stderr))
         report = self.evaluator.run(lambda batch: pipe.generate_for(
             batch, self.cfg.train.seed, sampler=self.cfg.sample.sampler, steps=e.steps, guidance=e.guidance,
-            eta=self.cfg.sample.eta, batch_size=self.batch_size))
+            eta=self.cfg.sample.eta, batch_size=self.batch_size, guidance_interval=self.cfg.sample.guidance_interval))
         head, detail = metrics.scalars(report)
         monitor.scalars(step, head)
         monitor.scalars(step, detail, console=False)
@@ -116,6 +116,7 @@ class DiffusionTask:
                             "states: use model.cond=pooled")
         if cfg.sample.steps > cfg.diffusion.timesteps:
             problems.append(f"sample.steps {cfg.sample.steps} exceeds diffusion.timesteps {cfg.diffusion.timesteps}")
+        problems += interval_problems(cfg.sample.guidance_interval, "sample.guidance_interval")
         val = data.split_count(self.manifest, "val")
         if cfg.sample.every_steps and not 1 <= cfg.sample.num_prompts <= val:
             problems.append(f"sample.num_prompts {cfg.sample.num_prompts} is outside 1..{val} (the val split of "
@@ -170,7 +171,8 @@ class DiffusionTask:
             monitor.text("samples/prompts", step, "\n\n".join(self.val["prompt"]))
         seeds = [image_seed(self.cfg.train.seed, p) for p in range(len(self.val["prompt"]))]
         images = pipe.generate(pipe.condition(self.val), seeds, sampler=s.sampler, steps=s.steps,
-                               guidance=s.guidance, eta=s.eta, batch_size=len(seeds))
+                               guidance=s.guidance, eta=s.eta, batch_size=len(seeds),
+                               guidance_interval=s.guidance_interval)
         monitor.images("samples/ema", step, images)
         write_png(Path(self.cfg.run.dir) / "samples" / f"step_{step:08d}.png", images, nrow=min(len(images), 8))
 

@@ -37,3 +37,24 @@ def test_reference_steps_measure_how_far_each_deterministic_run_is_from_many_ste
     assert runs[("ddim", 2)]["ode_error"] > 0 and runs[("dpmpp2m", 2)]["ode_error"] > 0
     assert "ode_error" not in runs[("ddpm", 2)]  # stochastic: no ODE solution to approach
     assert "| ddpm | 2 |" in out.stderr and out.stderr.count("distance from the reference") >= 2
+
+
+def test_bench_sample_tables_accuracy_and_diversity_per_guidance_and_interval(diffusion_run, classifier_run,
+                                                                            shards_dir, python, repo):
+    from ddpdiff import data
+    from ddpdiff.celeba import ATTRIBUTES
+
+    attrs = data.split_attributes(shards_dir, "val")  # an attribute with two groups of >= 2 val images
+    name = next(n for i, n in enumerate(ATTRIBUTES) if 2 <= attrs[:, i].sum() <= len(attrs) - 2)
+    out = subprocess.run([python, "tools/bench_sample.py", "--checkpoint", str(diffusion_run), "--classifier",
+                          str(classifier_run), "--attributes", name, "--diversity", "--diversity-samples", "2",
+                          "--guidance", "1,3", "--guidance-interval", "0.2,0.8", "--steps", "2", "--num", "4",
+                          "--batch", "4", "--no-sr"], cwd=repo, capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr
+    runs = json.loads(out.stdout)["runs"]
+    assert [(r["guidance"], r["guidance_interval"]) for r in runs] == [(1, None), (3, None), (3, [0.2, 0.8])]
+    assert all(0 <= r["attr_acc"] <= 1 and r["diversity_ratio"] == r["diversity"] / r["diversity_real"] for r in runs)
+    assert len({r["diversity_real"] for r in runs}) == 1 and runs[1]["diversity"] != runs[2]["diversity"]
+    rows = [line for line in out.stderr.splitlines() if line.startswith("| ddim | 2 | 3 in 0.2..0.8 |")]
+    assert len(rows) == 1 and rows[0].endswith(f" {runs[2]['attr_acc']:.3f} | {runs[2]['diversity_ratio']:.3f} |")
+    assert "| guidance |" in out.stderr and "diversity ratio |" in out.stderr

@@ -12,7 +12,7 @@ import webdataset as wds
 from conftest import float_batch, rewrite_tar
 
 from ddpdiff import shards
-from ddpdiff.data import DataError, Loader, load_manifest, read_samples, verify_shards
+from ddpdiff.data import DataError, Loader, load_manifest, read_samples, split_attributes, verify_shards
 from ddpdiff.data.batch import to_float
 
 # `shards_dir` (conftest) holds 48 images at 8 per shard: 39 train samples in shards of 8, 8, 8, 8 and 7.
@@ -191,6 +191,19 @@ def test_read_samples_is_the_first_n_in_key_order_with_extras(shards_dir):
     assert jpg.shape[0] == jpg.shape[1] > 64  # the native-resolution square crop
     with pytest.raises(DataError, match="n=1000"):
         read_samples(shards_dir, split="val", n=1000)
+
+
+def test_chosen_rows_and_the_attributes_of_a_whole_split(shards_dir):
+    """`split_attributes` reads every sample's attributes from the index; `rows` reads those samples, in order."""
+    whole = read_samples(shards_dir, split="val", n=len(_reference(shards_dir, "val")))
+    attrs = split_attributes(shards_dir, "val")
+    assert attrs.dtype == np.uint8 and np.array_equal(attrs, whole["attrs"].numpy())
+    chosen = read_samples(shards_dir, split="val", rows=[3, 0, 3])
+    assert chosen["key"] == [whole["key"][i] for i in (3, 0, 3)]
+    assert torch.equal(chosen["image"], whole["image"][[3, 0, 3]])
+    for rows in ([], [len(attrs)], [-1]):
+        with pytest.raises(DataError, match="read_samples: rows must be 0.."):
+            read_samples(shards_dir, split="val", rows=rows)
 
 
 def _patch(sample: dict, rng: np.random.Generator) -> dict:

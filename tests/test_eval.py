@@ -34,7 +34,8 @@ def test_cli_reports_json_to_stdout_a_file_and_tensorboard(diffusion_run, classi
     report = json.loads(captured.out)
     assert report["step"] == 2 and report["metrics"] == ["attr_acc", "clip_score"]
     assert report["attr_acc"]["attributes"] == list(synthetic.VISIBLE) and report["attr_acc"]["num"] == 3
-    assert report["skipped"] == {"fid": fid.SKIP_MESSAGE} and fid.SKIP_MESSAGE in captured.err
+    assert report["skipped"]["fid"] == fid.SKIP_MESSAGE and fid.SKIP_MESSAGE in captured.err
+    assert report["skipped"]["diversity"].startswith("diversity skipped: no 8 val images")  # 4 val images
     assert "attribute accuracy over 8 attributes, 3 samples" in captured.err
     held = report["held_out"]
     assert held["num"] == 2 and list(held["pairs"]) == HELD_OUT.split(",")
@@ -99,6 +100,31 @@ def test_sampling_cli_evaluation_and_training_previews_give_the_same_images(shar
         # the CLI encodes the prompt anew; the others read the shards' float16 embeddings of the same encoder
         assert np.abs(sampled[i].astype(int) - previews[i]).max() <= 1, f"sample CLI differs for prompt {i}"
     assert not np.array_equal(previews[0], previews[1])
+
+
+@pytest.mark.slow
+def test_diversity_samples_are_saved_per_prompt_and_sample_and_an_interval_names_the_report(diffusion_run,
+                                                                                          shards_dir, tmp_path,
+                                                                                          capsys):
+    from ddpdiff import data
+    from ddpdiff.celeba import ATTRIBUTES
+
+    attrs = data.split_attributes(shards_dir, "val")  # an attribute with two groups of >= 2 val images
+    name = next(n for i, n in enumerate(ATTRIBUTES) if 2 <= attrs[:, i].sum() <= len(attrs) - 2)
+    assert ev.main(["--checkpoint", str(diffusion_run), "--data", str(shards_dir), "--metrics", "diversity",
+                    "--attributes", name, "--diversity-samples", "2", "--num", "2", "--steps", "2",
+                    "--guidance-interval", "0.2,0.8", "--save-samples", str(tmp_path / "s"), "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    d = report["diversity"]
+    assert report["guidance_interval"] == [0.2, 0.8] and d["prompts"] == 2 and d["ratio"] == d["samples"] / d["real"]
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == sorted(
+        f"i{p['val_index']:06d}_s{k:03d}.png" for p in d["per_prompt"] for k in range(2))
+    assert (diffusion_run / "eval" / "step_00000002_num2_steps2_guidance3_interval0.2-0.8.json").is_file()
+    assert "diversity over 2 prompts x 2 samples" in captured.err
+    assert {"eval/diversity", "eval/diversity_real", "eval/diversity_ratio"} <= set(_tb_scalars(diffusion_run))
+    assert ev.main(["--checkpoint", str(diffusion_run), "--guidance-interval", "0.9,0.1"]) == 2
+    assert "--guidance-interval 0.9,0.1: expected LO,HI" in capsys.readouterr().err
 
 
 def _eval_json(cmd, env):

@@ -86,6 +86,19 @@ def test_guidance_changes_the_images(run):
     assert (_generate(run, guidance=0.0) - _generate(run, guidance=3.0)).abs().max() > 1e-3
 
 
+def test_a_guidance_interval_is_sampled_and_recorded(run, tmp_path):
+    """Guidance over every t/T (0..1) is full guidance; a band of it is neither that nor guidance 1."""
+    full, plain = _generate(run, guidance=3.0), _generate(run, guidance=1.0)
+    assert torch.equal(_generate(run, guidance=3.0, guidance_interval=(0.0, 1.0)), full)
+    band = _generate(run, guidance=3.0, guidance_interval=(0.6, 1.0))  # the step at t = 99 (not 50, 0)
+    # the smoke model's images are settled after the first step: later guidance moves them only slightly
+    assert (band - plain).abs().max() > 1e-3 and not torch.equal(band, full)
+    assert _cli(run, tmp_path / "out", "--guidance-interval", "0.3,0.7") == 0
+    index = json.loads((tmp_path / "out" / "samples.json").read_text())
+    assert index["guidance_interval"] == [0.3, 0.7] and all(f["guidance_interval"] == [0.3, 0.7]
+                                                            for f in index["files"])
+
+
 def test_ema_weights_by_default_raw_on_request(run, tmp_path):
     ema, raw = _generate(run), _generate(run, ema=False)
     assert (ema - raw).abs().max() > 1e-3
@@ -138,6 +151,7 @@ def test_clip_weights_can_be_relocated_but_must_be_the_same(run, tmp_path, capsy
     (["--steps", "500"], "--steps 500 is outside 1..100"),
     (["--sampler", "ddpm", "--eta", "0.5"], "--eta must be >= 0 and applies to the ddim sampler only"),
     (["--num", "0"], "--num, --batch-size and --sr-batch-size must be >= 1"),
+    (["--guidance-interval", "0.8,0.2"], "--guidance-interval 0.8,0.2: expected LO,HI with 0 <= LO < HI <= 1"),
 ])
 def test_bad_arguments_exit_2_with_one_line(run, tmp_path, capsys, args, fragment):
     assert _cli(run, tmp_path / "out", *args) == 2
@@ -170,5 +184,5 @@ def test_help_explains_the_flags(capsys):
     out = capsys.readouterr().out
     assert exit.value.code == 0
     for flag in ("--checkpoint", "--prompt", "--prompts-file", "--num", "--sampler", "--steps", "--guidance",
-                 "--seed", "--batch-size", "--device", "--out", "--upsampler", "--clip-pretrained", "--raw"):
+                 "--guidance-interval", "--seed", "--batch-size", "--device", "--out", "--upsampler", "--clip-pretrained", "--raw"):
         assert flag in out

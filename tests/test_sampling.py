@@ -5,8 +5,8 @@ import torch
 
 from ddpdiff.config import DiffusionConfig
 from ddpdiff.diffusion import TARGETS, Diffusion
-from ddpdiff.sampling import (ddim_sample, ddim_step, ddpm_sample, ddpm_step, dpmpp2m_sample, gaussian, generate,
-                              image_seed, per_image, respaced)
+from ddpdiff.sampling import (check, ddim_sample, ddim_step, ddpm_sample, ddpm_step, dpmpp2m_sample, gaussian,
+                              generate, guidance_interval, guided, image_seed, per_image, respaced)
 
 T = 100
 
@@ -167,6 +167,54 @@ def test_guidance_one_and_zero_take_a_single_plain_forward(guidance, dropped):
     generate(model, make(), {"pooled": torch.zeros(2, 3)}, [0, 1], (3, 8, 8), steps=3, guidance=guidance)
     assert len(model.calls) == 3
     assert all(n == 2 and drop.tolist() == [dropped, dropped] for n, drop in model.calls)
+
+
+def test_guidance_interval_guides_inside_and_is_the_conditional_model_outside():
+    """Inside LO <= t/T < HI the prediction is plain guidance's, outside it guidance 1's, bit for bit, from one
+    plain forward; a batch whose rows straddle the edge gets each row's own."""
+    model = RecordingModel()
+    cond = {"pooled": torch.tensor([[0.2, -0.1, 0.4], [0.0, 0.3, -0.2]])}
+    x = per_image([0, 1])((2, 3, 8, 8))
+    interval = guided(model, 3.0, (0.2, 0.6), T)
+    for t, inside in [(19, False), (20, True), (45, True), (59, True), (60, False), (99, False)]:
+        tt = torch.full((2,), t)
+        model.calls.clear()
+        got = interval(x, tt, cond)
+        assert [n for n, _ in model.calls] == ([4] if inside else [2])
+        assert torch.equal(got, guided(model, 3.0 if inside else 1.0)(x, tt, cond))
+    mixed = interval(x, torch.tensor([45, 80]), cond)
+    assert torch.equal(mixed[0], guided(model, 3.0)(x, torch.full((2,), 45), cond)[0])
+    assert torch.equal(mixed[1], guided(model, 1.0)(x, torch.full((2,), 80), cond)[1])
+    assert torch.equal(guided(model, 3.0, [], T)(x, tt, cond), guided(model, 3.0)(x, tt, cond))  # empty: everywhere
+
+
+def test_sampling_with_a_guidance_interval_guides_only_its_steps():
+    model, diff = RecordingModel(), make()
+    cond = {"pooled": torch.tensor([[0.2, -0.1, 0.4], [0.0, 0.3, -0.2]])}
+
+    def run(**kw):
+        model.calls.clear()
+        return generate(model, diff, cond, [0, 1], (3, 8, 8), sampler="ddpm", steps=10, **kw), len(model.calls)
+
+    (full, _), (plain, _) = run(guidance=3.0), run(guidance=1.0)
+    within, calls = run(guidance=3.0, guidance_interval=(0.2, 0.6))
+    guided_steps = [t for t in respaced(T, 10) if 20 <= t < 60]
+    assert calls == 10 and sum(n == 4 for n, _ in model.calls) == len(guided_steps) == 4
+    assert not torch.allclose(within, full) and not torch.allclose(within, plain)
+    whole, _ = run(guidance=3.0, guidance_interval=(0.0, 1.0))
+    assert torch.equal(whole, full)
+
+
+def test_guidance_intervals_are_checked():
+    assert guidance_interval("0.2,0.8") == (0.2, 0.8)
+    with pytest.raises(ValueError):
+        guidance_interval("0.2")
+    assert check("ddim", 10, 0.0, T, (0.0, 1.0)) == [] and check("ddim", 10, 0.0, T, []) == []
+    for bad in [(0.6, 0.2), (-0.1, 0.5), (0.3, 1.5), (0.5, 0.5), (0.1, 0.2, 0.3)]:
+        (problem,) = check("ddim", 10, 0.0, T, bad)
+        assert problem.startswith("--guidance-interval ") and "0 <= LO < HI <= 1" in problem
+    with pytest.raises(ValueError, match="--guidance-interval 0.6,0.2: expected LO,HI"):
+        generate(RecordingModel(), make(), {"pooled": torch.zeros(1, 3)}, [0], (3, 4, 4), guidance_interval=(0.6, 0.2))
 
 
 @pytest.mark.parametrize("sampler, eta", [("ddpm", 0.0), ("ddim", 0.0), ("ddim", 0.7), ("dpmpp2m", 0.0)])

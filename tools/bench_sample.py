@@ -1,18 +1,23 @@
 #!/usr/bin/env python3
-"""Sampling speed on one device, and with a trained checkpoint, attribute accuracy, per sampler and step count:
-64x64 images/s through `Pipeline.generate` (classifier-free guidance), and images/s through the x8 SRResNet
-upsampler.
+"""Sampling speed on one device, and with a trained checkpoint, attribute accuracy and diversity, per sampler,
+step count and guidance: 64x64 images/s through `Pipeline.generate` (classifier-free guidance), and images/s
+through the x8 SRResNet upsampler.
 
   python tools/bench_sample.py [--config jobs/configs/celeba64.yaml] [--sr-config jobs/configs/sr.yaml] \
       [--samplers ddim,dpmpp2m] [--steps 5,10,20,50] [--num 256] [--batch 256] [--device cuda] [--json OUT]
   python tools/bench_sample.py --checkpoint demo/run --classifier demo/classifier \
       --samplers ddim,dpmpp2m --steps 5,10,20,50 --num 128 --no-sr
+  python tools/bench_sample.py --checkpoint demo/run --classifier demo/classifier --diversity \
+      --guidance 1,3,5 --guidance-interval 0.17,0.88 --steps 50 --num 256 --no-sr
 
 Without `--checkpoint` the networks have random weights of the configs' sizes (speed does not depend on the
 weights) and conditions are random CLIP-sized embeddings (512-d, `--tokens` token states). With
 `--checkpoint`, the samples are those `python -m ddpdiff.eval --num NUM --seed 0` makes (val prompts of
 `--data`, default the checkpoint's shards) and `--classifier` adds their attribute accuracy on
-`--attributes`: the table that decides the default sampler. `--reference-steps N` also samples the same
+`--attributes`: the table that decides the default sampler. `--diversity` adds `ddpdiff.eval`'s diversity
+ratio (K samples of each of P val prompts against K real val images with the same `--attributes`; docs/
+evaluation.md): with `--guidance 1,3,5` and `--guidance-interval LO,HI` (each guidance above 1 again with
+guidance only in that band of t/T), the table that decides the default guidance. `--reference-steps N` also samples the same
 seeds and prompts with DDIM at N steps, the probability-flow ODE's solution that both deterministic samplers
 (ddim, dpmpp2m) approach as steps grow, and reports each run's mean distance from it in 8-bit levels
 (`ode_error`): how far few steps fall short of many, even where accuracy cannot tell. The first batch is a
@@ -39,7 +44,7 @@ from ddpdiff.images import as_saved  # noqa: E402
 from ddpdiff.metrics import Evaluator  # noqa: E402
 from ddpdiff.models import DenoiserMeta, SRMeta  # noqa: E402
 from ddpdiff.pipeline import Pipeline, upsample  # noqa: E402
-from ddpdiff.sampling import SAMPLERS, image_seed  # noqa: E402
+from ddpdiff.sampling import SAMPLERS, guidance_interval, image_seed  # noqa: E402
 
 
 def synchronize(device: torch.device) -> None:
@@ -61,6 +66,13 @@ def int_list(text: str) -> list[int]:
         return [int(v) for v in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers like 5,10,20, got {text!r}")
+
+
+def float_list(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 1,3,5, got {text!r}")
 
 
 def name_list(text: str) -> list[str]:
@@ -103,7 +115,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samplers", type=name_list, default=["ddim"],
                    help=f"comma-separated, any of {', '.join(SAMPLERS)} (default ddim)")
     p.add_argument("--steps", type=int_list, default=[50], help="comma-separated step counts (default 50)")
-    p.add_argument("--guidance", type=float, default=3.0, help="guidance scale (default 3: two forwards a step)")
+    p.add_argument("--guidance", type=float_list, default=[3.0],
+                   help="comma-separated guidance scales (default 3: two forwards a step)")
+    p.add_argument("--guidance-interval", type=guidance_interval, action="append", default=[], metavar="LO,HI",
+                   help="also run each guidance above 1 with guidance only where LO <= t/T < HI (repeatable)")
+    p.add_argument("--diversity", action="store_true", help="with --checkpoint: the diversity ratio of each run")
+    p.add_argument("--diversity-prompts", type=int, default=8, metavar="P", help="diversity's prompts (default 8)")
+    p.add_argument("--diversity-samples", type=int, default=8, metavar="K",
+                   help="diversity's samples per prompt (default 8)")
     p.add_argument("--sr-batch", type=int, default=16, help="images per upsampler batch (default 16)")
     p.add_argument("--tokens", type=int, default=36, help="prompt length in tokens, without --checkpoint (default 36)")
     p.add_argument("--reference-steps", type=int, default=0, metavar="N",
@@ -112,52 +131,64 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", help="torch device (default cuda if available, else cpu)")
     p.add_argument("--json", type=Path, help="also write the JSON result here")
     args = p.parse_args(argv)
-    if args.classifier and not args.checkpoint:
-        raise UsageError("bench_sample: --classifier needs --checkpoint (random weights have no accuracy)")
+    if (args.classifier or args.diversity) and not args.checkpoint:
+        raise UsageError("bench_sample: --classifier and --diversity need --checkpoint (random weights have no "
+                         "accuracy and no diversity worth measuring)")
     device = dist.default_device(args.device)
     n = args.num
     evaluator = None
     if args.checkpoint:
         pipe = Pipeline.from_checkpoint(args.checkpoint, device, encoder=False)
         params = models.count_params(pipe.model)
-        evaluator = Evaluator(args.data or pipe.shards, pipe.meta, ["attr_acc"] if args.classifier else [], n,
-                              classifier=args.classifier, attributes=args.attributes, device=pipe.device,
-                              batch_size=args.batch)
+        metrics = ["attr_acc"] * bool(args.classifier) + ["diversity"] * args.diversity
+        evaluator = Evaluator(args.data or pipe.shards, pipe.meta, metrics, n, classifier=args.classifier,
+                              attributes=args.attributes, device=pipe.device, batch_size=args.batch,
+                              diversity_prompts=args.diversity_prompts, diversity_samples=args.diversity_samples,
+                              log=lambda msg: print(f"bench_sample: {msg}", file=sys.stderr))
         seeds = [image_seed(0, i) for i in evaluator.samples["index"]]  # as ddpdiff.eval --seed 0
         cond = pipe.condition(evaluator.samples)
     else:
         pipe, cond, params = random_setup(args, device)
         seeds = list(range(n))
+    # (guidance, interval): every guidance over all steps, and each above 1 again only inside each interval
+    guidings = [(g, None) for g in args.guidance] + [
+        (g, tuple(i)) for g in args.guidance if g != 1 for i in args.guidance_interval]
     for sampler, steps in [(s, k) for s in args.samplers for k in args.steps] + (
             [("ddim", args.reference_steps)] if args.reference_steps else []):
-        pipe.check(sampler, steps)
+        for _, interval in guidings:
+            pipe.check(sampler, steps, guidance_interval=interval)
 
-    def generate(sampler: str, steps: int, rows: int) -> torch.Tensor:
+    def generate(sampler: str, steps: int, rows: int, guidance: float, interval) -> torch.Tensor:
         return pipe.generate({k: v[:rows] for k, v in cond.items()}, seeds[:rows], sampler=sampler, steps=steps,
-                             guidance=args.guidance, batch_size=args.batch)
+                             guidance=guidance, batch_size=args.batch, guidance_interval=interval)
 
     warm = min(n, args.batch)
-    timed(lambda: generate(args.samplers[0], min(args.steps), warm), device)
-    reference = as_saved(generate("ddim", args.reference_steps, n)) if args.reference_steps else None
+    timed(lambda: generate(args.samplers[0], min(args.steps), warm, *guidings[0]), device)
+    references = {guiding: as_saved(generate("ddim", args.reference_steps, n, *guiding))
+                  for guiding in guidings} if args.reference_steps else {}
     runs, images = [], []
     for sampler in args.samplers:
         for steps in args.steps:
-            seconds = timed(lambda sampler=sampler, steps=steps: images.append(generate(sampler, steps, n)), device)
-            run = {"sampler": sampler, "steps": steps, "sample_seconds": seconds, "sample_images_per_s": n / seconds}
-            if evaluator is not None and evaluator.metrics:
-                acc = evaluator.run(lambda batch: images[-1])["attr_acc"]
-                run.update(attr_acc=acc["mean"], attr_acc_real=acc["real_mean"])
-            if reference is not None and sampler != "ddpm":  # ddpm draws fresh noise: no ODE to approach
-                run["ode_error"] = (as_saved(images[-1]) - reference).abs().mean().item() * 127.5
-            runs.append(run)
-            labels = (("attr_acc", "attribute accuracy"), ("ode_error", "distance from the reference"))
-            extra = "".join(f", {label} {run[key]:.3f}" for key, label in labels if key in run)
-            print(f"bench_sample: {sampler} {steps} steps: {n} images in {seconds:.2f} s, {n / seconds:.1f} images/s"
-                  f"{extra}", file=sys.stderr)
+            for guidance, interval in guidings:
+                seconds = timed(lambda sampler=sampler, steps=steps, g=guidance, i=interval: images.append(
+                    generate(sampler, steps, n, g, i)), device)
+                run = {"sampler": sampler, "steps": steps, "guidance": guidance,
+                       "guidance_interval": list(interval) if interval else None, "sample_seconds": seconds,
+                       "sample_images_per_s": n / seconds}
+                if evaluator is not None and evaluator.metrics:
+                    run.update(scores(evaluator, images[-1], lambda batch, s=sampler, k=steps, g=guidance, i=interval:
+                                      pipe.generate_for(batch, 0, sampler=s, steps=k, guidance=g,
+                                                        batch_size=args.batch, guidance_interval=i)))
+                if references and sampler != "ddpm":  # ddpm draws fresh noise: no ODE to approach
+                    reference = references[(guidance, interval)]
+                    run["ode_error"] = (as_saved(images[-1]) - reference).abs().mean().item() * 127.5
+                runs.append(run)
+                extra = "".join(f", {label} {run[key]:.3f}" for key, label in LABELS if key in run)
+                print(f"bench_sample: {sampler} {steps} steps, guidance {guidance:g}{interval_text(run)}: {n} images "
+                      f"in {seconds:.2f} s, {n / seconds:.1f} images/s{extra}", file=sys.stderr)
     report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "config": args.checkpoint or args.config, "params": params,
-              "num": n, "batch": args.batch, "guidance": args.guidance, "reference_steps": args.reference_steps,
-              **runs[0], "runs": runs}
+              "num": n, "batch": args.batch, "reference_steps": args.reference_steps, **runs[0], "runs": runs}
     print(table(runs), file=sys.stderr)
 
     if not args.no_sr:
@@ -176,16 +207,35 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+LABELS = (("attr_acc", "attribute accuracy"), ("diversity_ratio", "diversity ratio"),
+          ("ode_error", "distance from the reference (levels)"))
+
+
+def scores(evaluator: Evaluator, images: torch.Tensor, generate) -> dict:
+    """Attribute accuracy of the timed `images` and the diversity ratio of the samples `generate` makes for
+    diversity's prompts: `ddpdiff.eval`'s figures for the same seeds."""
+    report = evaluator.run(lambda batch: images if batch is evaluator.samples else generate(batch))
+    out = {}
+    if "attr_acc" in report:
+        out.update(attr_acc=report["attr_acc"]["mean"], attr_acc_real=report["attr_acc"]["real_mean"])
+    if "diversity" in report:
+        d = report["diversity"]
+        out.update(diversity=d["samples"], diversity_real=d["real"], diversity_ratio=d["ratio"])
+    return out
+
+
+def interval_text(run: dict) -> str:
+    return " in {:g}..{:g}".format(*run["guidance_interval"]) if run.get("guidance_interval") else ""
+
+
 def table(runs: list[dict]) -> str:
     """The runs as a Markdown table (docs/benchmarks.md's format)."""
-    extra = [(key, label) for key, label in (("attr_acc", "attribute accuracy"),
-                                             ("ode_error", "distance from the reference (levels)"))
-             if any(key in r for r in runs)]
-    lines = ["| sampler | steps | s per image | images/s |" + "".join(f" {label} |" for _, label in extra),
-             "|---|---:|---:|---:|" + "---:|" * len(extra)]
+    extra = [(key, label) for key, label in LABELS if any(key in r for r in runs)]
+    lines = ["| sampler | steps | guidance | s per image | images/s |" + "".join(f" {label} |" for _, label in extra),
+             "|---|---:|---|---:|---:|" + "---:|" * len(extra)]
     for r in runs:
-        lines.append(f"| {r['sampler']} | {r['steps']} | {1 / r['sample_images_per_s']:.4f} "
-                     f"| {r['sample_images_per_s']:.1f} |"
+        lines.append(f"| {r['sampler']} | {r['steps']} | {r['guidance']:g}{interval_text(r)} "
+                     f"| {1 / r['sample_images_per_s']:.4f} | {r['sample_images_per_s']:.1f} |"
                      + "".join(f" {r[key]:.3f} |" if key in r else " - |" for key, _ in extra))
     return "\n".join(lines)
 
