@@ -142,6 +142,7 @@ def diverse_setup(shards_dir):
 def test_diversity_compares_k_samples_of_each_prompt_with_k_real_images_of_its_group(shards_dir):
     name, groups = diverse_setup(shards_dir)
     val = data.read_samples(shards_dir, "val", n=data.split_count(data.load_manifest(shards_dir), "val"))
+    val["image"] = data.to_float(val["image"])  # in [-1, 1], as a sampler's images
     evaluator = ev.Evaluator(shards_dir, meta_of(shards_dir), ["diversity"], 2, attributes=[name],
                              diversity_samples=2)
     batches = []
