@@ -561,6 +561,11 @@ def _held_out_scalars(held_out: dict) -> dict[str, float]:
             for side, suffix in (("samples", ""), ("real", "_real")) for name in v[side]}
 
 
+# Below this share of real images with a pair seen as having both, the classifier cannot judge the pair
+# (typically: it was trained on the same held-out train split and never saw the two together).
+BLIND_JUDGE = 0.8
+
+
 def _held_out_lines(held_out: dict) -> list[str]:
     """The summary's lines for the held-out pairs: each figure beside its real-image ceiling."""
     head = (f"held-out pairs ({held_out['num']} samples each for val prompts with both; real: the val images "
@@ -569,6 +574,9 @@ def _held_out_lines(held_out: dict) -> list[str]:
     for pair, v in held_out["pairs"].items():
         figures = "  ".join(f"{name} {v['samples'][name]:.3f} (real {v['real'][name]:.3f})" for name in v["samples"])
         lines.append(f"  {pair:<24} {figures}")
+        if v["real"]["both"] < BLIND_JUDGE:
+            lines.append(f"  {'':<24} the classifier sees both in only {v['real']['both']:.0%} of the real val images "
+                         "with the pair, so it cannot judge it: train it on data that has the pair")
     return lines
 
 

@@ -424,3 +424,12 @@ def test_held_out_bad_input_is_one_line(shards_dir, classifier_run):
     skipped = make(HELD_OUT, classifier=None, log=messages.append)
     assert skipped.held_out == [] and messages == [ev.TRAIN_CLASSIFIER_HINT, ev.HELD_OUT_SKIP]
     assert skipped.run(lambda b: b["image"])["skipped"]["held_out"] == ev.HELD_OUT_SKIP
+
+
+@pytest.mark.parametrize("real_both, blind", [(0.094, True), (0.97, False)])
+def test_the_summary_says_when_the_classifier_cannot_judge_a_pair(real_both, blind):
+    figures = {"attr_acc": 0.9, "both": real_both, "binding": real_both}
+    held_out = {"num": 32, "pairs": {"Wearing_Hat+Eyeglasses": {"samples": dict(figures, both=0.5), "real": figures}}}
+    text = "\n".join(ev._held_out_lines(held_out))
+    assert ("cannot judge it" in text) == blind
+    assert "both 0.500 (real " in text

@@ -17,8 +17,8 @@ weights) and conditions are random CLIP-sized embeddings (512-d, `--tokens` toke
 `--attributes`: the table that decides the default sampler. `--diversity` adds `ddpdiff.eval`'s diversity
 ratio (K samples of each of P val prompts against K real val images with the same `--attributes`; docs/
 evaluation.md): with `--guidance 1,3,5` and `--guidance-interval LO,HI` (each guidance above 1 again with
-guidance only in that band of t/T), the table that decides the default guidance. `--reference-steps N` also samples the same
-seeds and prompts with DDIM at N steps, the probability-flow ODE's solution that both deterministic samplers
+guidance only in that band of t/T), the table that decides the default guidance. `--reference-steps N`
+also samples the same seeds and prompts with DDIM at N steps, the probability-flow ODE's solution that both deterministic samplers
 (ddim, dpmpp2m) approach as steps grow, and reports each run's mean distance from it in 8-bit levels
 (`ode_error`): how far few steps fall short of many, even where accuracy cannot tell. The first batch is a
 warm-up and not timed.
@@ -44,7 +44,7 @@ from ddpdiff.images import as_saved  # noqa: E402
 from ddpdiff.metrics import Evaluator  # noqa: E402
 from ddpdiff.models import DenoiserMeta, SRMeta  # noqa: E402
 from ddpdiff.pipeline import Pipeline, upsample  # noqa: E402
-from ddpdiff.sampling import SAMPLERS, guidance_interval, image_seed  # noqa: E402
+from ddpdiff.sampling import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, guidance_interval, image_seed  # noqa: E402
 
 
 def synchronize(device: torch.device) -> None:
@@ -112,9 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-sr", action="store_true", help="skip the upsampler timing")
     p.add_argument("--num", type=int, default=256, help="timed 64x64 images per sampler and step count (default 256)")
     p.add_argument("--batch", type=int, default=256, help="images per sampler batch (default 256)")
-    p.add_argument("--samplers", type=name_list, default=["ddim"],
-                   help=f"comma-separated, any of {', '.join(SAMPLERS)} (default ddim)")
-    p.add_argument("--steps", type=int_list, default=[50], help="comma-separated step counts (default 50)")
+    p.add_argument("--samplers", type=name_list, default=[DEFAULT_SAMPLER],
+                   help=f"comma-separated, any of {', '.join(SAMPLERS)} (default {DEFAULT_SAMPLER})")
+    p.add_argument("--steps", type=int_list, default=[DEFAULT_STEPS],
+                   help=f"comma-separated step counts (default {DEFAULT_STEPS})")
     p.add_argument("--guidance", type=float_list, default=[3.0],
                    help="comma-separated guidance scales (default 3: two forwards a step)")
     p.add_argument("--guidance-interval", type=guidance_interval, action="append", default=[], metavar="LO,HI",

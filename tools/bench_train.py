@@ -244,8 +244,9 @@ def time_saves(task: DiffusionTask, loader, saves: int, run_dir: Path) -> dict:
     """How long a checkpoint save holds the training loop (`loop.save`'s `checkpoint.Writer.start`) and how long
     until its file is complete, blocking (`checkpoint.async_write false`) and in the background, as the median of
     `saves` saves of each: the task's whole training state after one step (so the optimizer has its state), into
-    a run directory under `run_dir` with `keep` 1. Each save starts once the previous one is complete, as when the write takes less than
-    `checkpoint.every_steps` steps; otherwise the loop also waits for the rest of the previous write."""
+    a run directory under `run_dir` with `keep` 1. Each save starts once the previous one is complete, as when
+    the write takes less than `checkpoint.every_steps` steps; otherwise the loop also waits for the rest of the
+    previous write."""
     stepper = Stepper(task, loader)
     stepper.step(timed=False)
     state = {**stepper.tr.state_dict(), "config": config.to_dict(task.cfg), "meta": task.metadata().to_dict()}

@@ -71,18 +71,26 @@ def main(argv=None) -> int:
           [py, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc), "--master_port", "29513",
            "-m", "ddpdiff.train_sr", "--config", "jobs/configs/sr_demo.yaml", "--data.shards", str(shards),
            "--run.dir", str(sr_run)])
-    classifier = out / "classifier"
-    stage(f"5. attribute classifier that judges the samples: torchrun --nproc_per_node={args.nproc} "
+    judge, judge_shards, classifier = out / "celeba_judge", out / "shards_judge", out / "classifier"
+    stage("5a. the judge's own synthetic CelebA, with every attribute pair (a classifier trained on the held-out "
+          "data never sees the pairs together and could not judge them)",
+          [py, "tools/make_synthetic_celeba.py", "--out", str(judge), "--num", str(args.num), "--seed", "1"],
+          done=judge / "list_attr_celeba.txt")
+    stage("5b. its shards (no token states: the classifier reads images alone)",
+          [py, "tools/make_shards.py", "--root", str(judge), "--out", str(judge_shards), "--clip-model", "tiny",
+           "--clip-pretrained", "none", "--samples-per-shard", "500", "--no-tokens"],
+          done=judge_shards / "manifest.json")
+    stage(f"5c. attribute classifier that judges the samples: torchrun --nproc_per_node={args.nproc} "
           "-m ddpdiff.train_classifier",
           [py, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc), "--master_port", "29514",
            "-m", "ddpdiff.train_classifier", "--config", "jobs/configs/classifier_demo.yaml",
-           "--data.shards", str(shards), "--run.dir", str(classifier)])
+           "--data.shards", str(judge_shards), "--run.dir", str(classifier)])
     stage("6. samples from the prompts, upsampled 64 -> 512",
           [py, "-m", "ddpdiff.sample", "--checkpoint", str(run), *[a for p in PROMPTS for a in ("--prompt", p)],
            "--num", "4", "--upsampler", str(sr_run), "--out", str(samples)])
-    stage("7. does the text condition work? attribute accuracy of samples for val prompts, and for the held-out "
-          "pairs",
-          [py, "-m", "ddpdiff.eval", "--checkpoint", str(run), "--data", str(shards), "--metrics", "attr_acc",
+    stage("7. does the text condition work? attribute accuracy of samples for val prompts and for the held-out "
+          "pairs, and the diversity of each prompt's samples",
+          [py, "-m", "ddpdiff.eval", "--checkpoint", str(run), "--data", str(shards), "--metrics", "attr_acc,diversity",
            "--num", str(args.eval_num), "--guidance", "3", "--classifier", str(classifier),
            "--attributes", "visible", "--held-out", HOLD_OUT])
     newest = max((run / "eval").glob("*.json"), key=lambda p: p.stat().st_mtime)
@@ -97,6 +105,9 @@ def main(argv=None) -> int:
         g, r = v["samples"], v["real"]
         print(f"    {pair:<24} accuracy {g['attr_acc']:.3f} ({r['attr_acc']:.3f}), both shown {g['both']:.3f} "
               f"({r['both']:.3f}), binding {g['binding']:.3f} ({r['binding']:.3f})")
+    d = report["diversity"]
+    print(f"  diversity of {d['samples_per_prompt']} samples of one prompt against real faces with the same "
+          f"attributes: {d['ratio']:.2f} ({d['samples']:.1f} against {d['real']:.1f} levels, {d['prompts']} prompts)")
     print(f"  run directory (config, checkpoints): {run}")
     print(f"  TensorBoard:                        tensorboard --logdir {run / 'tb'} (upsampler: {sr_run / 'tb'})")
     print(f"  samples, 64x64:                     {samples}/p*_s*.png, one grid per prompt p*_grid.png")
