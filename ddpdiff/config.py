@@ -122,9 +122,9 @@ class SampleConfig:
     sampler: Literal["ddpm", "ddim", "dpmpp2m"] = _f(
         "dpmpp2m", "dpmpp2m (DPM-Solver++(2M), second order, for 10-20 steps), ddim or ddpm (ancestral)")
     steps: int = _f(20, "sampling steps (respaced, at most diffusion.timesteps)")
-    guidance: float = _f(3.0, "classifier-free guidance scale; 0 means unconditional, 1 plain conditional")
-    guidance_interval: list[float] = _f([], "[LO, HI]: guidance only where LO <= t/T < HI (more varied "
-                                            "samples; also in-training evaluation); [] every step")
+    guidance: float = _f(2.0, "classifier-free guidance scale; 0 means unconditional, 1 plain conditional")
+    guidance_interval: list[float] = _f([0.17, 0.88], "[LO, HI]: guidance only where LO <= t/T < HI (more "
+                                        "varied samples; also in-training evaluation); [] every step")
     eta: float = _f(0.0, "DDIM eta (0 is deterministic)")
 
 
@@ -153,7 +153,7 @@ class EvalConfig:
     classifier: str = _f("", "attribute classifier run dir or checkpoint (train_classifier), for attr_acc")
     inception: str = _f("", "local Inception weights file for fid (or env DDPDIFF_INCEPTION_WEIGHTS)")
     steps: int = _f(50, "sampling steps for evaluation")
-    guidance: float = _f(3.0, "guidance scale for evaluation")
+    guidance: float = _f(2.0, "guidance scale for evaluation")
 
 
 @dataclass

@@ -39,17 +39,18 @@ from .images import write_png
 from .metrics import METRICS, Evaluator, parse_attributes, parse_held_out, parse_metrics, scalars, summary
 from .monitor import Monitor
 from .pipeline import Pipeline
-from .sampling import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLER_HELP, SAMPLERS, guidance_interval
+from .sampling import (DEFAULT_GUIDANCE, DEFAULT_GUIDANCE_INTERVAL, DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLER_HELP,
+                       SAMPLERS, add_guidance_arguments)
 
 
 def evaluate(checkpoint: str | Path, shards: str | Path | None = None, metrics: Iterable[str] | str = METRICS,
-             num: int = 64, steps: int = DEFAULT_STEPS, guidance: float = 3.0, classifier: str | Path | None = None,
+             num: int = 64, steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE, classifier: str | Path | None = None,
              attributes: Iterable[str] | str | None = None, inception: str | Path | nn.Module | None = None,
              sampler: str = DEFAULT_SAMPLER, seed: int = 0, batch_size: int = 64, device: str | None = None,
              clip_pretrained: str | None = None, progress: bool = True, save_samples: str | Path | None = None,
              fid_split: str = "train", fid_count: int | None = None, bf16: bool = True,
              held_out: str | Iterable[Sequence[str]] | None = None, held_out_num: int = 32,
-             guidance_interval: tuple[float, float] | None = None, diversity_prompts: int = 8,
+             guidance_interval: Sequence[float] | None = DEFAULT_GUIDANCE_INTERVAL, diversity_prompts: int = 8,
              diversity_samples: int = 8,
              log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr, flush=True)) -> dict:
     """Generate `num` samples for val prompts with a diffusion checkpoint and report the metrics; call it on
@@ -112,10 +113,7 @@ def parser() -> argparse.ArgumentParser:
                    "write --num-samples: torchrun takes --num for its own --numa-binding")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS,
                    help=f"sampling steps, at most diffusion.timesteps (default {DEFAULT_STEPS})")
-    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (default 3)")
-    p.add_argument("--guidance-interval", type=guidance_interval, metavar="LO,HI",
-                   help="guidance only where LO <= t/T < HI, the conditional prediction elsewhere (e.g. 0.17,0.88; "
-                        "docs/diffusion.md; default: every step)")
+    add_guidance_arguments(p)
     p.add_argument("--sampler", choices=sorted(SAMPLERS), default=DEFAULT_SAMPLER,
                    help=f"{SAMPLER_HELP} (default {DEFAULT_SAMPLER})")
     p.add_argument("--classifier", metavar="RUN_DIR|FILE",

@@ -24,7 +24,8 @@ from .config import ModelConfig
 from .diffusion import Diffusion
 from .errors import UsageError
 from .models import ClassifierMeta, DenoiserMeta, SRMeta
-from .sampling import DEFAULT_SAMPLER, DEFAULT_STEPS, check, generate, image_seed
+from .sampling import (DEFAULT_GUIDANCE, DEFAULT_GUIDANCE_INTERVAL, DEFAULT_SAMPLER, DEFAULT_STEPS, check, generate,
+                       image_seed)
 from .weights import Weights
 
 
@@ -97,8 +98,8 @@ class Pipeline:
             raise SamplingError("; ".join(problems))
 
     def generate(self, cond: Cond, seeds: Sequence[int], sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_STEPS,
-                 guidance: float = 3.0, eta: float = 0.0, batch_size: int = 64, progress: bool = False,
-                 guidance_interval: Sequence[float] | None = None) -> torch.Tensor:
+                 guidance: float = DEFAULT_GUIDANCE, eta: float = 0.0, batch_size: int = 64, progress: bool = False,
+                 guidance_interval: Sequence[float] | None = DEFAULT_GUIDANCE_INTERVAL) -> torch.Tensor:
         """Image i for row i of `cond` from seeds[i]: [len(seeds), 3, H, W] in [-1, 1] on the CPU; guidance
         only for t/T in `guidance_interval` (LO, HI) when it is given (`sampling.guided`)."""
         self.check(sampler, steps, eta, guidance_interval)

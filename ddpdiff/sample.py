@@ -24,7 +24,7 @@ from .errors import cli
 from .images import write_png
 from .models import SRMeta
 from .pipeline import Pipeline, SamplingError, load_network, upsample
-from .sampling import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLER_HELP, SAMPLERS, guidance_interval
+from .sampling import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLER_HELP, SAMPLERS, add_guidance_arguments
 
 
 def save(out: Path, images: torch.Tensor, prompts: list[str], num: int, suffix: str = "") -> list[dict]:
@@ -64,12 +64,7 @@ def parser() -> argparse.ArgumentParser:
                    help=f"{SAMPLER_HELP} (default {DEFAULT_SAMPLER})")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS,
                    help=f"sampling steps, at most diffusion.timesteps (default {DEFAULT_STEPS})")
-    p.add_argument("--guidance", type=float, default=3.0,
-                   help="classifier-free guidance: 0 unconditional, 1 conditional, >1 stronger (default 3)")
-    p.add_argument("--guidance-interval", type=guidance_interval, metavar="LO,HI",
-                   help="guidance only where LO <= t/T < HI (fractions of the timesteps, 1 = pure noise), the "
-                        "conditional prediction elsewhere: more varied samples (e.g. 0.17,0.88; docs/diffusion.md; "
-                        "default: every step)")
+    add_guidance_arguments(p)
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta; 0 is deterministic given the noise (default 0)")
     p.add_argument("--seed", type=int, default=0, help="seed; the same seed gives the same files (default 0)")
     p.add_argument("--batch-size", type=int, default=64, help="images per sampler batch (default 64)")

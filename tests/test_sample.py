@@ -24,8 +24,9 @@ def run(shards_dir, tmp_path_factory):
 
 
 def _generate(run, prompts=PROMPTS, ema=True, clip_pretrained=None, **kw):
+    """Guidance at every step unless asked otherwise: in 3 steps (t = 99, 50, 0) the default band guides one."""
     pipe = Pipeline.from_checkpoint(run, "cpu", ema=ema, clip_pretrained=clip_pretrained)
-    return pipe.sample(prompts, **{"num": 2, "steps": 3, **kw})
+    return pipe.sample(prompts, **{"num": 2, "steps": 3, "guidance_interval": None, **kw})
 
 
 def _cli(run, out, *extra):
@@ -56,7 +57,8 @@ def test_cli_writes_images_grids_upsampled_512_and_an_index(run, sr_run, tmp_pat
     assert [(f["file"], f["prompt"], f["upsampled"]) for f in index["files"]] == [
         (f"p{p:03d}_s{s:03d}.png", PROMPTS[p], f"p{p:03d}_s{s:03d}_512.png") for p in range(2) for s in range(2)]
     for f in index["files"]:
-        assert (f["seed"], f["steps"], f["guidance"], f["sampler"], f["ema"]) == (7, 3, 3.0, "dpmpp2m", True)
+        assert (f["seed"], f["steps"], f["guidance"], f["guidance_interval"], f["sampler"], f["ema"]) == (
+            7, 3, 2.0, [0.17, 0.88], "dpmpp2m", True)
         assert f["checkpoint"] == str(checkpoint.resolve(run))
     assert not list(out.glob(".*"))  # no temporaries left behind
     assert "4 images for 2 prompts" in capsys.readouterr().out

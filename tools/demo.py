@@ -91,7 +91,7 @@ def main(argv=None) -> int:
     stage("7. does the text condition work? attribute accuracy of samples for val prompts and for the held-out "
           "pairs, and the diversity of each prompt's samples",
           [py, "-m", "ddpdiff.eval", "--checkpoint", str(run), "--data", str(shards), "--metrics", "attr_acc,diversity",
-           "--num", str(args.eval_num), "--guidance", "3", "--classifier", str(classifier),
+           "--num", str(args.eval_num), "--classifier", str(classifier),
            "--attributes", "visible", "--held-out", HOLD_OUT])
     newest = max((run / "eval").glob("*.json"), key=lambda p: p.stat().st_mtime)
     report = json.loads(newest.read_text())
