@@ -39,12 +39,20 @@ from .images import write_png
 from .metrics import METRICS, Evaluator, parse_attributes, parse_held_out, parse_metrics, scalars, summary
 from .monitor import Monitor
 from .pipeline import Pipeline
-from .sampling import (DEFAULT_GUIDANCE, DEFAULT_GUIDANCE_INTERVAL, DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLER_HELP,
-                       SAMPLERS, add_guidance_arguments)
+from .sampling import (
+    DEFAULT_GUIDANCE,
+    DEFAULT_GUIDANCE_INTERVAL,
+    DEFAULT_SAMPLER,
+    DEFAULT_STEPS,
+    SAMPLER_HELP,
+    SAMPLERS,
+    add_guidance_arguments,
+)
 
 
 def evaluate(checkpoint: str | Path, shards: str | Path | None = None, metrics: Iterable[str] | str = METRICS,
-             num: int = 64, steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE, classifier: str | Path | None = None,
+             num: int = 64, steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE,
+             classifier: str | Path | None = None,
              attributes: Iterable[str] | str | None = None, inception: str | Path | nn.Module | None = None,
              sampler: str = DEFAULT_SAMPLER, seed: int = 0, batch_size: int = 64, device: str | None = None,
              clip_pretrained: str | None = None, progress: bool = True, save_samples: str | Path | None = None,

@@ -24,8 +24,15 @@ from .config import ModelConfig
 from .diffusion import Diffusion
 from .errors import UsageError
 from .models import ClassifierMeta, DenoiserMeta, SRMeta
-from .sampling import (DEFAULT_GUIDANCE, DEFAULT_GUIDANCE_INTERVAL, DEFAULT_SAMPLER, DEFAULT_STEPS, check, generate,
-                       image_seed)
+from .sampling import (
+    DEFAULT_GUIDANCE,
+    DEFAULT_GUIDANCE_INTERVAL,
+    DEFAULT_SAMPLER,
+    DEFAULT_STEPS,
+    check,
+    generate,
+    image_seed,
+)
 from .weights import Weights
 
 

@@ -1,11 +1,11 @@
 """Benchmark the training input pipeline: samples/s per core, single process and with loader workers, and
 the bytes per batch a rank copies to its device.
 
-Per core = samples / CPU seconds of the main process and its workers, so the figure does not depend on
-how many cores the machine has. Bytes per batch: the tensors as the loader gives them (uint8 pixels,
-float16 embeddings) beside the same batch in float32 (`data.to_float`), the form batches had before.
-Without --shards it first writes synthetic 64x64 shards with token states, encoded by a randomly initialised CLIP sized like the shipped 'tiny' config or like ViT-B-32
-(--dims), because only the byte sizes matter here:
+Per core = samples / CPU seconds of the main process and its workers, so the figure does not depend on how
+many cores the machine has. Bytes per batch: the tensors as the loader gives them (uint8 pixels, float16
+embeddings) beside the same batch in float32 (`data.to_float`), the form batches had before. Without --shards
+it first writes synthetic 64x64 shards with token states, encoded by a randomly initialised CLIP sized like
+the shipped 'tiny' config or like ViT-B-32 (--dims), because only the byte sizes matter here:
 
     python tools/bench_data.py --images 2000 --dims vit-b-32 --workers 0 2
 """

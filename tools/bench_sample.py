@@ -13,18 +13,16 @@ through the x8 SRResNet upsampler.
 Without `--checkpoint` the networks have random weights of the configs' sizes (speed does not depend on the
 weights) and conditions are random CLIP-sized embeddings (512-d, `--tokens` token states). With
 `--checkpoint`, the samples are those `python -m ddpdiff.eval --num NUM --seed 0` makes (val prompts of
-`--data`, default the checkpoint's shards) and `--classifier` adds their attribute accuracy on
-`--attributes`: the table that decides the default sampler. `--diversity` adds `ddpdiff.eval`'s diversity
-ratio (K samples of each of P val prompts against K real val images with the same `--attributes`; docs/
-evaluation.md): with `--guidance 1,3,5` and `--guidance-interval LO,HI` (each guidance above 1 again with
-guidance only in that band of t/T), the table that decides the default guidance. `--reference-steps N`
-also samples the same seeds and prompts with DDIM at N steps, the probability-flow ODE's solution that both deterministic samplers
-(ddim, dpmpp2m) approach as steps grow, and reports each run's mean distance from it in 8-bit levels
-(`ode_error`): how far few steps fall short of many, even where accuracy cannot tell. The first batch is a
-warm-up and not timed.
-Prints progress and the table to stderr and one JSON object to stdout (and `--json`); its top-level
-sample_* fields are the first sampler at the first step count.
-"""
+`--data`, default the checkpoint's shards) and `--classifier` adds their attribute accuracy on `--attributes`:
+the table that decides the default sampler. `--diversity` adds `ddpdiff.eval`'s diversity ratio (K samples of
+each of P val prompts against K real val images with the same `--attributes`; docs/evaluation.md): with
+`--guidance 1,3,5` and `--guidance-interval LO,HI` (each guidance above 1 again with guidance only in that
+band of t/T), the table that decides the default guidance. `--reference-steps N` also samples the same seeds
+and prompts with DDIM at N steps, the probability-flow ODE's solution that both deterministic samplers (ddim,
+dpmpp2m) approach as steps grow, and reports each run's mean distance from it in 8-bit levels (`ode_error`):
+how far few steps fall short of many, even where accuracy cannot tell. The first batch is a warm-up and not
+timed. Prints progress and the table to stderr and one JSON object to stdout (and `--json`); its top-level
+sample_* fields are the first sampler at the first step count."""
 
 from __future__ import annotations
 
