@@ -55,6 +55,6 @@ def test_bench_sample_tables_accuracy_and_diversity_per_guidance_and_interval(di
     assert [(r["guidance"], r["guidance_interval"]) for r in runs] == [(1, None), (3, None), (3, [0.2, 0.8])]
     assert all(0 <= r["attr_acc"] <= 1 and r["diversity_ratio"] == r["diversity"] / r["diversity_real"] for r in runs)
     assert len({r["diversity_real"] for r in runs}) == 1 and runs[1]["diversity"] != runs[2]["diversity"]
-    rows = [line for line in out.stderr.splitlines() if line.startswith("| ddim | 2 | 3 in 0.2..0.8 |")]
+    rows = [line for line in out.stderr.splitlines() if line.startswith("| dpmpp2m | 2 | 3 in 0.2..0.8 |")]
     assert len(rows) == 1 and rows[0].endswith(f" {runs[2]['attr_acc']:.3f} | {runs[2]['diversity_ratio']:.3f} |")
     assert "| guidance |" in out.stderr and "diversity ratio |" in out.stderr
