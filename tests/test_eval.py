@@ -43,7 +43,7 @@ def test_cli_reports_json_to_stdout_a_file_and_tensorboard(diffusion_run, classi
         assert pair["num"] == 2 and all(0 <= v <= 1 for side in ("samples", "real") for v in pair[side].values())
     assert held["pairs"]["Brown_Hair+Mustache"]["real"]["own_colour"] == 1.0
     assert "held-out pairs (2 samples each" in captured.err
-    saved = diffusion_run / "eval" / "step_00000002_num3_steps2_guidance3.json"
+    saved = diffusion_run / "eval" / "step_00000002_num3_steps2_guidance2_interval0.17-0.88.json"
     assert json.loads(saved.read_text()) == report
     assert {"eval/attr_acc", "eval/attr_acc_real", "eval/clip_score", "eval/attr_acc/Smiling",
             "eval/held_out/Brown_Hair+Mustache/binding", "eval/held_out/Wearing_Hat+Eyeglasses/both_real"} <= set(
@@ -120,7 +120,7 @@ def test_diversity_samples_are_saved_per_prompt_and_sample_and_an_interval_names
     assert report["guidance_interval"] == [0.2, 0.8] and d["prompts"] == 2 and d["ratio"] == d["samples"] / d["real"]
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == sorted(
         f"i{p['val_index']:06d}_s{k:03d}.png" for p in d["per_prompt"] for k in range(2))
-    assert (diffusion_run / "eval" / "step_00000002_num2_steps2_guidance3_interval0.2-0.8.json").is_file()
+    assert (diffusion_run / "eval" / "step_00000002_num2_steps2_guidance2_interval0.2-0.8.json").is_file()
     assert "diversity over 2 prompts x 2 samples" in captured.err
     assert {"eval/diversity", "eval/diversity_real", "eval/diversity_ratio"} <= set(_tb_scalars(diffusion_run))
     assert ev.main(["--checkpoint", str(diffusion_run), "--guidance-interval", "0.9,0.1"]) == 2
