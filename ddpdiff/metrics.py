@@ -409,14 +409,14 @@ class Evaluator:
                        "lower --diversity-samples", self.log)
             return
         self.diversity_size, self.diversity_rows = samples, [rows[0] for rows in groups]
-        self.diversity_prompts = data.read_samples(self.shards, "val", rows=self.diversity_rows)["prompt"]
+        chosen = data.read_samples(self.shards, "val", rows=self.diversity_rows)  # every prompt, read once
+        self.diversity_prompts = chosen["prompt"]
         self.diversity_mine = list(range(rank, len(groups), world_size))
         self.diversity_batch, self.diversity_real = None, torch.zeros(0)
         if self.diversity_mine:
-            mine = [self.diversity_rows[p] for p in self.diversity_mine]
-            repeat = [j for j in range(len(mine)) for _ in range(samples)]
-            self.diversity_batch = {**_take(data.read_samples(self.shards, "val", rows=mine), repeat),
-                                    "index": [mine[j] for j in repeat], "sample": list(range(samples)) * len(mine)}
+            repeat = [p for p in self.diversity_mine for _ in range(samples)]
+            self.diversity_batch = {**_take(chosen, repeat), "index": [self.diversity_rows[p] for p in repeat],
+                                    "sample": list(range(samples)) * len(self.diversity_mine)}
             self.diversity_real = data.to_float(data.read_samples(
                 self.shards, "val", rows=[r for p in self.diversity_mine for r in groups[p]])["image"])
         self._diversity_real_sums: torch.Tensor | None = None
