@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One-shot check of a GPU machine, in one call: environment, a 1-rank NCCL training smoke (bf16, channels_last,
 # torch.compile), training throughput, MFU and memory of celeba64 (with and without gradient checkpointing and
-# compile), checkpoint saves blocking and in the background, sampling and upsampling speed, make_shards on the
-# GPU, and two deterministic runs compared bit for bit. Everything lands in OUT: gpu_check.json (all figures), gpu_check.log (all output), one JSON per step.
+# compile) beside bench_memory.py's activation bytes per image for the same config, checkpoint saves blocking
+# and in the background, sampling and upsampling speed, make_shards on the GPU, and two deterministic runs
+# compared bit for bit. Everything lands in OUT: gpu_check.json (all figures), gpu_check.log (all output), one
+# JSON per step.
 #
 #   bash tools/gpu_check.sh OUT          # on a GPU machine, under 8 minutes on one H100/H200
 #   bash tools/gpu_check.sh OUT --cpu    # the same steps at toy sizes on the CPU (tests/test_gpu_check.py)
@@ -73,6 +75,8 @@ step bench_train "$PYTHON" tools/bench_train.py --config "$train_cfg" --syntheti
     "${bench[@]}" --grad-checkpointing both --json "$out/bench_train.json"
 step bench_train_compile "$PYTHON" tools/bench_train.py --config "$train_cfg" --synthetic --dist.device "$device" \
     "${bench[@]}" --grad-checkpointing off --train.compile "$compile" --json "$out/bench_train_compile.json"
+step bench_memory "$PYTHON" tools/bench_memory.py --config "$train_cfg" --grad-checkpointing both \
+    --json "$out/bench_memory.json"
 step bench_saves "$PYTHON" tools/bench_train.py --config "$train_cfg" --synthetic --dist.device "$device" --batch 8 \
     --steps 1 --warmup 0 --saves 2 --save-dir "$work" --json "$out/bench_saves.json"
 step bench_sample "$PYTHON" tools/bench_sample.py --config "$train_cfg" --sr-config "$sr_cfg" --device "$device" \
