@@ -380,7 +380,8 @@ def reference(root: type[TrainerConfig] = Config, own: bool = False) -> str:
                 if typing.get_origin(tp) is list:
                     tname = f"list[{typing.get_args(tp)[0].__name__}]"
             default = getattr(sub, f.name)
-            lines.append(f"  --{section.name}.{f.name} {tname} (default {default!r})\n      {f.metadata.get('help', '')}")
+            lines.append(f"  --{section.name}.{f.name} {tname} (default {default!r})\n"
+                         f"      {f.metadata.get('help', '')}")
     return "\n".join(lines)
 
 

@@ -476,7 +476,8 @@ def resume(tr: TrainState, task: Task, hold: contextlib.ExitStack) -> bool:
     state = found[0] if found else checkpoint.load(checkpoint.path_for(run_dir, step))
     check_changes(state["config"], cfg, step)
     tr.load_state_dict(state)
-    dist.print0(f"resumed from {checkpoint.path_for(run_dir, step)} (step {tr.step}, epoch {tr.epoch}, batch {tr.batch})")
+    dist.print0(f"resumed from {checkpoint.path_for(run_dir, step)} "
+                f"(step {tr.step}, epoch {tr.epoch}, batch {tr.batch})")
     return True
 
 

@@ -453,7 +453,8 @@ class Evaluator:
         sums = {}
         if "attr_acc" in self.metrics:
             agree = attribute_hits(self.classifier, images, batch["attrs"], self.batch_size)
-            sums["attr_acc"] = torch.cat([agree.sum(0).double(), torch.tensor([float(len(agree))], dtype=torch.float64)])
+            sums["attr_acc"] = torch.cat([agree.sum(0).double(),
+                                          torch.tensor([float(len(agree))], dtype=torch.float64)])
         if "clip_score" in self.metrics:
             scores = clip_scores(self.encoder, images, batch["text_emb"], self.batch_size, self.progress)
             sums["clip_score"] = torch.stack([scores.sum(), torch.tensor(float(len(scores)), dtype=torch.float64)])
@@ -587,8 +588,8 @@ def summary(report: dict) -> str:
         a = report["attr_acc"]
         lines.append(f"attribute accuracy over {len(a['attributes'])} attributes, {a['num']} samples: "
                      f"{a['mean']:.3f} (classifier on {a['num_real']} real val images: {a['real_mean']:.3f})")
-        lines += [f"  {name:<20} {a['per_attribute'][name]['samples']:.3f} (real {a['per_attribute'][name]['real']:.3f})"
-                  for name in a["attributes"]]
+        per = a["per_attribute"]
+        lines += [f"  {name:<20} {per[name]['samples']:.3f} (real {per[name]['real']:.3f})" for name in a["attributes"]]
     if "clip_score" in report:
         c = report["clip_score"]
         lines.append(f"CLIP score: {c['samples']:.4f} (real val images: {c['real']:.4f})")

@@ -380,7 +380,8 @@ def main(argv: list[str] | None = None) -> int:
                 dist.print0(f"bench_train: reference diffusers UNet2DConditionModel {sizes[1][0] / 1e6:.2f}M params, "
                             f"{sizes[1][1] / 1e9:.3f} forward GFLOPs/image, steps interleaved", file=sys.stderr)
             dist.print0(f"bench_train: {report['device']}, {cfg.model.name} {params / 1e6:.2f}M params, "
-                        f"{flops / 1e9:.3f} forward GFLOPs/image, batch {t.global_batch}, {t.precision}", file=sys.stderr)
+                        f"{flops / 1e9:.3f} forward GFLOPs/image, batch {t.global_batch}, {t.precision}",
+                        file=sys.stderr)
             for checkpointing in variants:
                 t.grad_checkpointing = checkpointing
                 try:
@@ -417,7 +418,8 @@ def main(argv: list[str] | None = None) -> int:
             report["checkpointing"] = {"memory_saving": 1 - on[mem] / off[mem],
                                        "time_cost": on["step_s_median"] / off["step_s_median"] - 1}
             dist.print0(f"  grad checkpointing saves {100 * report['checkpointing']['memory_saving']:.1f}% of "
-                        f"{mem} and costs {100 * report['checkpointing']['time_cost']:+.1f}% step time", file=sys.stderr)
+                        f"{mem} and costs {100 * report['checkpointing']['time_cost']:+.1f}% step time",
+                        file=sys.stderr)
     finally:
         dist.cleanup()
     text = json.dumps(report, indent=1)
