@@ -39,7 +39,7 @@ from torch.overrides import TorchFunctionMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ddpdiff import config  # noqa: E402
-from ddpdiff.models import build_model, count_params, example_inputs  # noqa: E402
+from ddpdiff.models import build_model, count_params, example_inputs, uses_tokens  # noqa: E402
 
 FIXED_BYTES_PER_PARAM = 4 * 5  # float32 weight, gradient, Adam's two moments, EMA
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 < args.batches[0] < args.batches[1]:
         parser.exit(2, f"{parser.prog}: error: --batches needs two sizes, the first smaller (got {args.batches})\n")
     dtype = DTYPES[cfg.train.precision]
-    tokens = cfg.model.name == "unet" and cfg.model.cond != "pooled"
+    tokens = uses_tokens(cfg.model)
     model = build_model(cfg.model, args.image_size, args.dim, args.token_dim if tokens else None,
                         torch.zeros(2, args.token_dim) if tokens else None, cfg.diffusion.timesteps)
     params = count_params(model)

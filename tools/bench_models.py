@@ -15,7 +15,7 @@ from collections import defaultdict
 import torch
 
 from ddpdiff import config
-from ddpdiff.models import build_model, count_params, example_inputs, flop_counts
+from ddpdiff.models import build_model, count_params, example_inputs, flop_counts, uses_tokens
 
 
 def cross_attention_sizes(model: torch.nn.Module, image_size: int) -> dict[str, int]:
@@ -58,7 +58,7 @@ def main() -> None:
           f"{args.tokens[0]} tokens) |\n| --- | ---: | ---: |")
     token_model = None
     for label, mcfg in variants.items():
-        tokens = mcfg.name == "unet" and mcfg.cond != "pooled"
+        tokens = uses_tokens(mcfg)
         model = build_model(mcfg, args.image_size, args.dim, args.token_dim if tokens else None,
                             torch.zeros(2, args.token_dim) if tokens else None)
         total = flop_counts(model, args.image_size, args.tokens[0])["Global"]
