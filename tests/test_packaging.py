@@ -26,6 +26,7 @@ PIN_REQUIRES_PYTHON = {
     "tqdm": ("4.70.1", ">=3.8"),
     "safetensors": ("0.8.0", ">=3.10"),
     "pytest": ("9.2.0", ">=3.10"),
+    "pytest-timeout": ("2.4.0", ">=3.7"),
     "webdataset": ("1.0.2", ">=3.10"),
     "packaging": ("26.4", ">=3.8"),
     "torch-fidelity": ("0.4.0", ">=3.6"),
