@@ -263,12 +263,22 @@ def ddp_options(model: nn.Module, task: Task) -> dict[str, Any]:
     did, so `dist.fixed_buckets` keeps that search where results can be bitwise (deterministic mode, or gloo).
     (With two ranks every sum has two terms, exact in either order, so nothing needs fixing there.) Otherwise
     the graph is static (every parameter is used in every step), gradients live in the buckets, and buffers
-    are broadcast only for models whose buffers change in training (BatchNorm statistics)."""
+    are broadcast only for models whose buffers change in training (BatchNorm statistics); the graph is static
+    only where no rank accumulates micro-batches."""
     cfg, env = task.cfg, task.env
     if cfg.dist.fixed_buckets and env.world_size > 2 and (cfg.train.deterministic or env.backend == "gloo"):
         return {"find_unused_parameters": True}
     running_stats = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    return {"static_graph": True, "gradient_as_bucket_view": True, "broadcast_buffers": running_stats}
+    options = {"gradient_as_bucket_view": True, "broadcast_buffers": running_stats}
+    # A static graph is traced in DDP's first backward, which must all-reduce: one under `no_sync` (the first
+    # micro-batch of an accumulated step) fails in the reducer (`expect_autograd_hooks_` assert).
+    return options if accumulates(task) else {"static_graph": True, **options}
+
+
+def accumulates(task: Task) -> bool:
+    """Whether some rank splits its share of a step into micro-batches (rank 0's share is the largest)."""
+    t = task.cfg.train
+    return 0 < t.micro_batch < data.share(t.global_batch, task.env.world_size, 0)[1]
 
 
 def backward(tr: TrainState, task: Task, batch: dict, stats: dict[str, list[torch.Tensor]],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import itertools
 import os
@@ -162,6 +163,19 @@ def procs():
     `Proc.wait`), each killed with every process it started when the test ends, passed or failed."""
     with Procs() as started:
         yield started
+
+
+@contextlib.contextmanager
+def agent_store() -> Iterator[dict[str, str]]:
+    """The variables that make `dist.init` in processes a test spawns join a store this process serves on a
+    port the OS picked, as torchrun's agent serves its ranks (`TORCHELASTIC_USE_AGENT_STORE`): no fixed port,
+    and none that could be taken between choosing it and binding it."""
+    store = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    try:
+        yield {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port), "TORCHELASTIC_USE_AGENT_STORE": "True",
+               "TORCHELASTIC_RESTART_COUNT": "0"}
+    finally:
+        del store
 
 
 def load_tool(name: str):

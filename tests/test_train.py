@@ -194,19 +194,21 @@ KILLED_RUN = ("--train.max_steps", 24, "--train.global_batch", 16, "--checkpoint
 
 @pytest.mark.slow
 def test_sigkill_at_any_point_then_resume_is_bitwise_identical(shards_dir, tmp_path, procs):
-    """3 ranks, where DDP's gradient buckets need not meet in rank order; the reference is an uninterrupted
-    3-rank run."""
+    """3 ranks, where DDP's gradient buckets need not meet in rank order, each accumulating its share (6, 5, 5)
+    in micro-batches of 4; the reference is an uninterrupted 3-rank run."""
+    accumulated = (*KILLED_RUN, "--train.micro_batch", 4)
     reference = tmp_path / "reference"
-    proc = _torchrun(procs, 3, _args(shards_dir, reference, *KILLED_RUN))
+    proc = _torchrun(procs, 3, _args(shards_dir, reference, *accumulated))
     assert proc.wait(timeout=300) and proc.returncode == 0, proc.output
+    assert "in micro-batches of at most 4" in proc.output
 
     run = tmp_path / "killed"
-    proc = _torchrun(procs, 3, _args(shards_dir, run, *KILLED_RUN))
+    proc = _torchrun(procs, 3, _args(shards_dir, run, *accumulated))
     _wait_for(checkpoint.path_for(run, 4).with_name("step_00000004.pt.sha256"), proc, 240)
     proc.kill()  # every rank and the agent at once, as a lost node
     assert not checkpoint.path_for(run, 24).exists(), "the run finished before it could be killed"
 
-    proc = _torchrun(procs, 3, _args(shards_dir, run, *KILLED_RUN))
+    proc = _torchrun(procs, 3, _args(shards_dir, run, *accumulated))
     out = proc.wait(timeout=300)
     assert proc.returncode == 0, out
     assert "resumed from" in out
@@ -401,6 +403,92 @@ def test_non_finite_losses_are_skipped_then_stop_the_run_with_finite_checkpoints
         assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point()), path
 
 
+# Imported by every training rank when its directory is on PYTHONPATH: `loop.backward` writes the keys each rank
+# trains on at each step to DDPDIFF_TEST_KEYS/rankR.txt, and at step DDPDIFF_TEST_NAN_STEP makes the loss of the
+# ranks in DDPDIFF_TEST_NAN_RANKS non-finite while their gradients stay finite (only the all-reduced flag can tell
+# the other ranks to skip).
+BACKWARD_HOOK = """\
+import os, sys
+if "ddpdiff.train" in sys.orig_argv and "torch.distributed.run" not in sys.orig_argv:
+    from ddpdiff import loop
+    backward = loop.backward
+
+    def hooked(tr, task, batch, stats):
+        rank, step = task.env.rank, tr.step + 1
+        if os.environ.get("DDPDIFF_TEST_KEYS"):
+            with open(os.path.join(os.environ["DDPDIFF_TEST_KEYS"], f"rank{rank}.txt"), "a") as f:
+                f.write(f"{step} {' '.join(batch['key'])}\\n")
+        losses, grad_norm = backward(tr, task, batch, stats)
+        nan_ranks = os.environ.get("DDPDIFF_TEST_NAN_RANKS", "").split(",")
+        if step == int(os.environ.get("DDPDIFF_TEST_NAN_STEP", "-1")) and str(rank) in nan_ranks:
+            losses = losses + float("nan")
+        return losses, grad_norm
+
+    loop.backward = hooked
+"""
+
+
+def _hooked_env(tmp_path, **variables):
+    """The environment of a run whose ranks import BACKWARD_HOOK, with its DDPDIFF_TEST_* variables."""
+    hook = tmp_path / "hook"
+    hook.mkdir(exist_ok=True)
+    (hook / "sitecustomize.py").write_text(BACKWARD_HOOK)
+    path = os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, **{f"DDPDIFF_TEST_{k}": str(v) for k, v in variables.items()}}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_non_finite_loss_on_one_rank_is_skipped_by_every_rank(shards_dir, tmp_path, procs):
+    """Rank 1 alone sees a NaN loss at step 3 (its gradient finite). The run must end exactly as one in which
+    both ranks saw it: rank 0, whose own step was fine, skipped the step too and the ranks stayed identical."""
+    steps = ("--train.max_steps", 5, "--checkpoint.every_steps", 5)
+    runs = {}
+    for nan_ranks in ("0,1", "1"):
+        run = tmp_path / f"nan_on_{nan_ranks.replace(',', '_')}"
+        proc = procs.start([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", 2,
+                            "-m", "ddpdiff.train", *_args(shards_dir, run, *steps, "--log.every_steps", 5)],
+                           env=_hooked_env(tmp_path, NAN_STEP=3, NAN_RANKS=nan_ranks))
+        out = proc.wait(timeout=300)
+        assert proc.returncode == 0 and "nonfinite_steps=1" in out, out
+        runs[nan_ranks] = run
+    _assert_same_end_state(runs["0,1"], runs["1"])
+    assert _final(runs["1"])["samples_seen"] == 5 * 8
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_mid_epoch_resume_trains_on_every_sample_once_per_epoch_in_order(shards_dir, tmp_path, procs):
+    """2 ranks with 2 loader workers each stop mid-epoch (at step 6 of 4-step epochs), and the resumed run
+    goes on to step 11: the keys each rank trained on, step by step, are counted against the loader's own
+    order, so no sample is seen twice within an epoch and none is skipped."""
+    keys_dir = tmp_path / "keys"
+    keys_dir.mkdir()
+    env, run = _hooked_env(tmp_path, KEYS=keys_dir), tmp_path / "run"
+    for steps in (6, 11):
+        proc = procs.torchrun(2, ["ddpdiff.train", *_args(shards_dir, run, "--data.workers", 2,
+                                                           "--train.max_steps", steps)], env=env)
+        assert proc.wait(timeout=300) and proc.returncode == 0, proc.output
+    assert "resumed from" in proc.output and "(step 6, epoch 1, batch 2)" in proc.output, proc.output
+    trained = {}
+    for rank in range(2):
+        for line in (keys_dir / f"rank{rank}.txt").read_text().splitlines():
+            step, *keys = line.split()
+            assert (rank, int(step)) not in trained, f"rank {rank} trained step {step} twice"
+            trained[rank, int(step)] = keys
+    assert sorted({s for _, s in trained}) == list(range(1, 12))
+    per_epoch = {}
+    for rank in range(2):
+        loader = data.Loader(shards_dir, global_batch=8, rank=rank, world_size=2, workers=0)
+        assert loader.batches_per_epoch == 4
+        expected = [b["key"] for e in range(3) for b in loader.epoch(e)][:11]
+        assert [trained[rank, s] for s in range(1, 12)] == expected, f"rank {rank}"
+        for s, keys in enumerate(expected):
+            per_epoch.setdefault(s // 4, []).extend(keys)
+    for epoch in (0, 1):
+        assert len(per_epoch[epoch]) == len(set(per_epoch[epoch])) == 32, epoch
+
+
 def test_evaluation_comes_due_at_either_cadence(shards_dir):
     cfg = config.load(CONFIGS / "smoke.yaml", ["--data.shards", str(shards_dir), "--sample.every_steps", "4",
                                                "--eval.every_steps", "6"])
@@ -453,9 +541,9 @@ def test_training_hook_evaluates_every_n_steps_on_one_process(diffusion_run, cla
     assert recorder.values["eval/clip_score"] == report["clip_score"]["samples"]
 
 
-def _rank_worker(rank, world, port, run, classifier_run, out):
+def _rank_worker(rank, world, store_env, run, classifier_run, out):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+                      OMP_NUM_THREADS="1", **store_env)
     torch.set_num_threads(1)
     env = dist.init(60)
     try:
@@ -468,7 +556,8 @@ def _rank_worker(rank, world, port, run, classifier_run, out):
 
 @pytest.mark.slow
 def test_two_ranks_split_the_samples_and_gather_the_same_report(diffusion_run, classifier_run, tmp_path):
-    mp.spawn(_rank_worker, args=(2, 31500 + os.getpid() % 1000, diffusion_run, classifier_run, tmp_path), nprocs=2)
+    with conftest.agent_store() as store_env:
+        mp.spawn(_rank_worker, args=(2, store_env, diffusion_run, classifier_run, tmp_path), nprocs=2)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
     assert r0 == r1  # every rank holds the gathered result
     assert r0["attr_acc"]["num"] == r0["clip_score"]["num"] == 3  # 2 samples on rank 0, 1 on rank 1
@@ -542,7 +631,8 @@ def test_a_stopped_run_exits_75_and_a_second_run_on_its_directory_is_refused(sha
     run = tmp_path / "run"
     proc = _single(procs, _args(shards_dir, run, "--train.max_steps", 100000, "--log.every_steps", 1))
     proc.read_until("^step 2 ", timeout=240)
-    assert train.main(_args(shards_dir, run, "--train.max_steps", 100000)) == 2
+    # one step: a lock that failed to refuse would let it train and return 0 at once rather than hang the test
+    assert train.main(_args(shards_dir, run, "--train.max_steps", 1)) == 2
     err = capsys.readouterr().err
     assert f"in use by another run (pid {proc.pid} on " in err and err.strip().count("\n") == 0
     os.kill(proc.pid, signal.SIGTERM)
