@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 from conftest import CONFIGS
 
 from ddpdiff import checkpoint, config, data, dist, loop, train
+from ddpdiff.atomic import sha256_file
 from ddpdiff.celeba import ATTRIBUTES
 from ddpdiff.models import DenoiserMeta
 from ddpdiff.pipeline import Pipeline
@@ -348,7 +349,7 @@ def test_corrupt_newest_checkpoint_is_reported_and_the_previous_used(shards_dir,
     out = capsys.readouterr().out
     assert "step_00000006.pt set aside in" in out and "checksum mismatch" in out and "(step 3," in out
     assert _final(run)["step"] == 6
-    assert (run / "checkpoints" / "set_aside" / "step_00000006.pt").is_file()  # kept for inspection
+    assert (run / "checkpoints" / "set_aside" / "1" / "step_00000006.pt").is_file()  # kept for inspection
 
 
 @pytest.mark.slow
@@ -520,7 +521,34 @@ def test_a_resume_that_changes_the_data_order_or_the_model_is_refused(shards_dir
     assert _final(run)["step"] == 4
 
 
-def test_no_usable_checkpoint_refuses_the_run_unless_fresh(shards_dir, tmp_path, capsys):
+def test_shards_are_compared_by_content_so_a_staged_copy_resumes_and_other_shards_are_refused(
+        shards_dir, shards_copy, tmp_path, capsys):
+    """Jobs stage the shards to node-local disk, each at a path of its own: the path may change, the content
+    (the manifest's sha256, which holds each shard's) may not."""
+    run = tmp_path / "run"
+    assert train.main(_args(shards_dir, run, "--train.max_steps", 3)) == 0
+    assert train.main(_args(shards_copy, run, "--train.max_steps", 4)) == 0
+    assert f"data.shards {str(shards_dir)!r} -> {str(shards_copy)!r}" in capsys.readouterr().out
+    assert _final(run)["step"] == 4
+
+    tar = shards_copy / "train" / "train-000000.tar"  # one caption changed: other shards, re-written in place
+    conftest.rewrite_tar(tar, lambda name, data: (name, data + b" Smiling." if name.endswith(".txt") else data))
+    manifest = json.loads((shards_copy / "manifest.json").read_text())
+    entry = next(e for e in manifest["splits"]["train"]["shards"] if e["path"] == "train/train-000000.tar")
+    entry["sha256"] = sha256_file(tar)
+    (shards_copy / "manifest.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert train.main(_args(shards_copy, run, "--train.max_steps", 5)) == 2
+    err = capsys.readouterr().err.strip()
+    assert "was trained to step 4 with other settings" in err and "data.shards: other content (manifest sha256 " in err
+    assert err.count("\n") == 0 and _final(run)["step"] == 4
+
+
+def test_no_usable_checkpoint_refuses_the_run_unless_fresh(shards_dir, tmp_path, capsys, monkeypatch):
+    """Every start is refused, not only the first (which sets the files aside, so the next found none and
+    trained from step 0), until the user passes run.fresh."""
+    for name in ("SLURM_JOB_ID", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
     run = tmp_path / "run"
     assert train.main(_args(shards_dir, run)) == 0
     for path in checkpoint.candidates(run):
@@ -528,8 +556,36 @@ def test_no_usable_checkpoint_refuses_the_run_unless_fresh(shards_dir, tmp_path,
     assert train.main(_args(shards_dir, run)) == 2
     err = capsys.readouterr().err
     assert "no checkpoint is usable (step_00000006.pt: checksum mismatch" in err and "--run.fresh true" in err
+    assert train.main(_args(shards_dir, run)) == 2
+    err = capsys.readouterr().err.strip()
+    assert "resume refused by an earlier start: no checkpoint is usable (step_00000006.pt" in err, err
+    assert "--run.fresh true" in err and err.count("\n") == 0
     assert train.main(_args(shards_dir, run, "--run.fresh", "true", "--train.max_steps", 2)) == 0
     assert _final(run)["step"] == 2
+
+
+def test_run_fresh_applies_once_per_slurm_job_so_a_requeue_resumes(shards_dir, tmp_path, capsys, monkeypatch):
+    """slurm/train.sh and jobs/submit.py requeue a job with the same arguments and SLURM_JOB_ID."""
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    run = tmp_path / "run"
+    assert train.main(_args(shards_dir, run, "--train.max_steps", 3)) == 0  # an earlier run's checkpoints
+    fresh = ("--run.fresh", "true")
+    monkeypatch.setenv("SLURM_JOB_ID", "41")
+    assert train.main(_args(shards_dir, run, *fresh, "--train.max_steps", 3)) == 0
+    assert "run.fresh: step_00000003.pt moved to" in capsys.readouterr().out
+    assert train.main(_args(shards_dir, run, *fresh, "--train.max_steps", 6)) == 0  # the requeue
+    out = capsys.readouterr().out
+    assert "run.fresh: skipped: this job (SLURM_JOB_ID=41) started" in out and "moved to" not in out, out
+    assert f"resumed from {checkpoint.path_for(run, 3)} " in out and _final(run)["step"] == 6
+    monkeypatch.setenv("SLURM_JOB_ID", "42")  # another job with the same command starts afresh again
+    assert train.main(_args(shards_dir, run, *fresh, "--train.max_steps", 2)) == 0
+    out = capsys.readouterr().out
+    assert "run.fresh: step_00000006.pt moved to" in out and "resumed from" not in out and _final(run)["step"] == 2
+    aside = run / "checkpoints" / "set_aside"
+    assert sorted(p.name for p in aside.iterdir()) == ["1", "2"]  # one folder per event: none overwrote another
+    first, second = (checkpoint.load(aside / n / "step_00000003.pt") for n in ("1", "2"))
+    assert (first["config"]["run"]["fresh"], second["config"]["run"]["fresh"]) == (False, True)
 
 
 def _single(procs, args, **kw):
