@@ -1,6 +1,7 @@
 """The training entrypoint, in-process and as real multi-process DDP (torchrun + gloo on the CPU)."""
 
 import dataclasses
+import errno
 import json
 import os
 import signal
@@ -302,6 +303,40 @@ def test_torchrun_max_restarts_restarts_a_killed_rank_and_resumes_bitwise_identi
     assert proc.returncode == 0, out
     assert "resumed from" in out and out.count("ddpdiff world_size") == 2, out  # one start, one restart
     _assert_same_end_state(reference, run)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_run_fresh_under_torchrun_max_restarts_applies_once_and_the_restart_resumes(shards_dir, tmp_path, procs):
+    """torchrun restarts the group with the same arguments, `--run.fresh true` included: the restart must
+    resume from the checkpoint the fresh start wrote, not set it aside and train from step 0 again."""
+    run = tmp_path / "run"
+    assert train.main(_args(shards_dir, run, "--train.max_steps", 3)) == 0  # an earlier run's checkpoints
+    proc = _torchrun(procs, 2, _args(shards_dir, run, *KILLED_RUN, "--run.fresh", "true"),
+                     launcher=("--max-restarts", 1))
+    _wait_for(checkpoint.path_for(run, 4).with_name("step_00000004.pt.sha256"), proc, 240)
+    os.kill(_rank_pid(proc, 1), signal.SIGKILL)
+    out = proc.wait(timeout=300)
+    assert proc.returncode == 0 and out.count("ddpdiff world_size") == 2, out  # one start, one restart
+    assert out.count("run.fresh: step_00000003.pt moved to") == 1 and out.count("moved to") == 1, out
+    assert out.count("run.fresh: skipped: this job (TORCHELASTIC_RUN_ID=") == 1, out
+    resumed = int(out.split(f"resumed from {run}/checkpoints/step_")[1][:8])
+    assert resumed >= 4 and _final(run)["step"] == 24, out
+    assert [p.name for p in (run / "checkpoints" / "set_aside").iterdir()] == ["1"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_run_directory_whose_filesystem_refuses_flock_trains_and_says_so_once(shards_dir, refusing_flock, procs):
+    """2 ranks on a FUSE filesystem whose flock fails as on NFS without lockd: the run goes on, and rank 0 says
+    once that the directory is unprotected (it used to fail with an uncaught OSError at every start)."""
+    run = refusing_flock(errno.ENOLCK) / "run"
+    for start in range(2):  # the second start resumes
+        proc = _torchrun(procs, 2, _args(shards_dir, run, "--train.max_steps", 3 * (start + 1)))
+        out = proc.wait(timeout=300)
+        assert proc.returncode == 0, out
+        assert out.count(f"{run}: unprotected: its filesystem refused flock (ENOLCK)") == 1, out
+    assert "resumed from" in out and _final(run)["step"] == 6
 
 
 @pytest.mark.slow
