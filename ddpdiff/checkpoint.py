@@ -206,9 +206,9 @@ def start_fresh(run_dir: str | Path, job: str | None) -> list[Path] | None:
     record = Path(run_dir) / FRESH
     if job is not None and record.is_file() and record.read_text().strip() == job:
         return None
-    aside = aside_folder(run_dir)
-    moved = [set_aside(p, aside) for p in candidates(run_dir)]
-    refused = Path(run_dir) / "checkpoints" / REFUSED
+    old, refused = candidates(run_dir), Path(run_dir) / "checkpoints" / REFUSED
+    aside = aside_folder(run_dir) if old or refused.is_file() else None
+    moved = [set_aside(p, aside) for p in old]
     if refused.is_file():
         refused.replace(aside / REFUSED)
     if job is None:
@@ -294,7 +294,7 @@ def locked(run_dir: str | Path, log=lambda msg: print(msg, file=sys.stderr, flus
         try:
             yield
         finally:
-            if held:
+            if held:  # unlocked, not only closed: a process that inherited the descriptor would keep the lock
                 fcntl.flock(f, fcntl.LOCK_UN)
 
 
