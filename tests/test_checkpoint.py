@@ -104,7 +104,7 @@ def test_run_fresh_sets_aside_once_per_job(tmp_path):
     assert checkpoint.load_latest(tmp_path)[0]["step"] == 1
     assert [p.name for p in checkpoint.start_fresh(tmp_path, "SLURM_JOB_ID=8")] == ["step_00000001.pt"]
     assert [p.name for p in checkpoint.start_fresh(tmp_path, None)] == []  # a plain process always starts afresh
-    assert sorted(p.name for p in (tmp_path / "checkpoints" / "set_aside").iterdir()) == ["1", "2"]  # nothing, no folder
+    assert sorted(p.name for p in (tmp_path / "checkpoints" / "set_aside").iterdir()) == ["1", "2"]  # none for nothing
 
 
 def test_a_checkpoint_whose_pickle_would_run_code_is_rejected_unexecuted(tmp_path):
