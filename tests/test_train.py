@@ -8,6 +8,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import conftest
 import pytest
@@ -577,6 +578,16 @@ def test_shards_are_compared_by_content_so_a_staged_copy_resumes_and_other_shard
     err = capsys.readouterr().err.strip()
     assert "was trained to step 4 with other settings" in err and "data.shards: other content (manifest sha256 " in err
     assert err.count("\n") == 0 and _final(run)["step"] == 4
+
+
+def test_a_checkpoint_without_a_shard_fingerprint_is_compared_by_path():
+    """Checkpoints written before the fingerprint prove nothing about their shards' content."""
+    saved, now = (config.load(SMOKE, ["--data.shards", path]) for path in ("a/shards", "b/shards"))
+    tr = SimpleNamespace(shards="0" * 64)
+    loop.check_changes({"config": config.to_dict(now)}, tr, now, 3)
+    with pytest.raises(config.ConfigError, match=r"data.shards 'a/shards' -> 'b/shards' \(the checkpoint predates"):
+        loop.check_changes({"config": config.to_dict(saved)}, tr, now, 3)
+    loop.check_changes({"config": config.to_dict(saved), "shards_sha256": "0" * 64}, tr, now, 3)  # same content
 
 
 def test_no_usable_checkpoint_refuses_the_run_unless_fresh(shards_dir, tmp_path, capsys, monkeypatch):
