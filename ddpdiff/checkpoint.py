@@ -3,8 +3,10 @@ ones that fail, and read one for inference with its typed metadata.
 
 `RUN/checkpoints/step_XXXXXXXX.pt` is a plain dict readable with `torch.load(path, weights_only=True)`;
 `step_XXXXXXXX.pt.sha256` beside it is written after it, so a checkpoint counts only once both exist and
-the checksum matches. Checkpoints a resume could not use move to `RUN/checkpoints/set_aside/`, kept for
-inspection and never counted again.
+the checksum matches. Checkpoints a resume could not use move to a numbered folder of
+`RUN/checkpoints/set_aside/` (one per event, so none overwrites another), kept for inspection and never counted
+again. A refused resume leaves `RUN/checkpoints/REFUSED`, so every later start is refused too until the user acts;
+`RUN/fresh_start` names the job that last started the run afresh, so its restarts resume instead.
 
 A `Writer` takes the write off the training loop: the state is copied to host memory (the copy later steps
 cannot change) and written, hashed, renamed and pruned in one background thread, one write at a time.
@@ -13,6 +15,7 @@ cannot change) and written, hashed, renamed and pruned in one background thread,
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import re
@@ -29,6 +32,11 @@ from .errors import UsageError
 from .models import meta as model_meta
 
 _NAME = re.compile(r"^step_(\d{8})\.pt$")
+REFUSED = "REFUSED"  # in checkpoints/: why a resume was refused, until the user acts
+FRESH = "fresh_start"  # in the run directory: the job that last started the run afresh
+# What flock raises on a filesystem that does not lock at all: NFS without lockd (ENOLCK), Lustre mounted
+# noflock (ENOSYS), others (EOPNOTSUPP, EINVAL).
+UNLOCKABLE = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL}
 
 
 class CheckpointError(UsageError):
@@ -158,9 +166,15 @@ def load_latest(run_dir: str | Path, map_location: str | torch.device = "cpu",
     """The newest checkpoint that verifies and loads; each newer one that does not is reported and set aside.
 
     Raises CheckpointError when checkpoints exist but none is usable: starting again from step 0 would
-    silently throw a run away, so that takes `run.fresh` (`set_aside_all`).
+    silently throw a run away, so that takes `run.fresh` (`start_fresh`). The refusal is written to
+    checkpoints/REFUSED and repeated by every later call until the user removes it (or starts afresh), since
+    the next start would otherwise find nothing and train from step 0.
     """
-    rejected = []
+    folder = Path(run_dir) / "checkpoints"
+    marker = folder / REFUSED
+    if marker.is_file():
+        raise CheckpointError(f"{marker}: resume refused by an earlier start: {marker.read_text().strip()}")
+    rejected, aside = [], None
     for path in candidates(run_dir):
         problem = verify(path)
         if problem is None:
@@ -172,17 +186,36 @@ def load_latest(run_dir: str | Path, map_location: str | torch.device = "cpu",
                 if state.get("step") == int(_NAME.match(path.name).group(1)):
                     return state, path
                 problem = f"holds step {state.get('step')}, not the step in its name"
-        log(f"checkpoint {path} set aside in {set_aside(path).parent}: {problem}")
+        aside = aside or aside_folder(run_dir)
+        log(f"checkpoint {path} set aside in {set_aside(path, aside).parent}: {problem}")
         rejected.append(f"{path.name}: {problem}")
     if rejected:
-        raise CheckpointError(f"{Path(run_dir) / 'checkpoints'}: no checkpoint is usable ({'; '.join(rejected)}); "
-                              "they are kept in set_aside/; pass --run.fresh true to start again from step 0")
+        reason = (f"no checkpoint is usable ({'; '.join(rejected)}); they are kept in {aside}; pass --run.fresh "
+                  f"true to start again from step 0, or put a usable checkpoint back into {folder} and delete "
+                  f"{marker}")
+        write_text(marker, reason + "\n")
+        raise CheckpointError(f"{folder}: {reason}")
     return None
 
 
-def set_aside_all(run_dir: str | Path) -> list[Path]:
-    """Move every checkpoint of a run aside (a deliberately fresh start keeps the old ones for inspection)."""
-    return [set_aside(p) for p in candidates(run_dir)]
+def start_fresh(run_dir: str | Path, job: str | None) -> list[Path] | None:
+    """Set every checkpoint (and a refusal) aside for `run.fresh`, once per job: a launcher that restarts
+    `job` repeats its arguments (a SLURM requeue, a torchrun restart), and that restart must resume from what
+    the fresh start has saved since. None when `job` has already started afresh here; `job` None (a plain
+    process, which nothing restarts) always starts afresh."""
+    record = Path(run_dir) / FRESH
+    if job is not None and record.is_file() and record.read_text().strip() == job:
+        return None
+    old, refused = candidates(run_dir), Path(run_dir) / "checkpoints" / REFUSED
+    aside = aside_folder(run_dir) if old or refused.is_file() else None
+    moved = [set_aside(p, aside) for p in old]
+    if refused.is_file():
+        refused.replace(aside / REFUSED)
+    if job is None:
+        record.unlink(missing_ok=True)
+    else:
+        write_text(record, job + "\n")
+    return moved
 
 
 def resolve(path: str | Path) -> Path:
@@ -225,18 +258,35 @@ def prune(run_dir: str | Path, keep: int, written: Path) -> None:
 
 
 @contextlib.contextmanager
-def locked(run_dir: str | Path) -> Iterator[None]:
+def locked(run_dir: str | Path, log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> Iterator[None]:
     """Hold RUN/.lock for as long as a run writes there: a second job (or a requeue racing a straggler) on the
-    same directory stops at once, naming the holder. The lock dies with its process, so no stale lock stays."""
+    same directory stops at once, naming the holder. The lock dies with its process, so no stale lock stays
+    (except where a filesystem keeps the lock of a crashed node: docs/reliability.md#shared-filesystems).
+
+    A filesystem that refuses flock (`UNLOCKABLE`) gets one line saying the directory is unprotected, and the
+    run goes on: refusing would make the suite unusable there. Any other failure is a CheckpointError.
+    """
     path = Path(run_dir) / ".lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as f:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(path, "a+")
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot open the run's lock file ({e.strerror or e})") from None
+    with f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held = True
         except BlockingIOError:
             f.seek(0)
             raise CheckpointError(f"{run_dir}: in use by another run ({f.read().strip() or 'holder unknown'}); "
                                   "wait for it to end, or pass another --run.dir") from None
+        except OSError as e:
+            if e.errno not in UNLOCKABLE:
+                raise CheckpointError(f"{path}: cannot lock ({errno.errorcode.get(e.errno, e.errno)}: "
+                                      f"{e.strerror})") from None
+            log(f"{run_dir}: unprotected: its filesystem refused flock ({errno.errorcode[e.errno]}), so nothing "
+                "stops a second run from writing here at the same time (docs/reliability.md#shared-filesystems)")
+            held = False
         f.seek(0)
         f.truncate()
         f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
@@ -244,13 +294,23 @@ def locked(run_dir: str | Path) -> Iterator[None]:
         try:
             yield
         finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            if held:  # unlocked, not only closed: a process that inherited the descriptor would keep the lock
+                fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def set_aside(path: Path) -> Path:
-    """Move a checkpoint (and its checksum) into checkpoints/set_aside/, where nothing counts it again."""
-    folder = path.parent / "set_aside"
-    folder.mkdir(exist_ok=True)
+def aside_folder(run_dir: str | Path) -> Path:
+    """A new numbered folder in checkpoints/set_aside/ for the files of one event, so that no event overwrites
+    what an earlier one set aside under the same names."""
+    parent = Path(run_dir) / "checkpoints" / "set_aside"
+    parent.mkdir(parents=True, exist_ok=True)
+    number = 1 + max((int(p.name) for p in parent.iterdir() if p.name.isdigit()), default=0)
+    folder = parent / str(number)
+    folder.mkdir()
+    return folder
+
+
+def set_aside(path: Path, folder: Path) -> Path:
+    """Move a checkpoint (and its checksum) into `folder` (`aside_folder`), where nothing counts it again."""
     for p in (path, path.with_name(path.name + ".sha256")):
         if p.exists():
             p.replace(folder / p.name)

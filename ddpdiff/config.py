@@ -172,7 +172,8 @@ class DistConfig:
 class RunConfig:
     dir: str = _f("runs/default", "run directory: config, checkpoints, TensorBoard logs")
     fresh: bool = _f(False, "start again from step 0 although the run directory has checkpoints (they are moved "
-                            "to checkpoints/set_aside/)")
+                            "to checkpoints/set_aside/N/); once per job: a requeue or torchrun restart of the same "
+                            "job resumes")
 
 
 @dataclass

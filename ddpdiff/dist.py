@@ -109,6 +109,17 @@ def cpus_per_rank(local_world_size: int = 1) -> int:
     return max(1, cpus // sharing)
 
 
+def job_id() -> str | None:
+    """What a launcher keeps when it starts the training again with the same arguments: the SLURM job (a
+    requeue keeps its id), else torchrun's run (`--rdzv_id`; `--standalone` draws one per launch), which its
+    `--max-restarts` restarts keep. None for a plain process: nothing restarts it."""
+    if os.environ.get("SLURM_JOB_ID"):
+        return f"SLURM_JOB_ID={os.environ['SLURM_JOB_ID']}"
+    if os.environ.get("TORCHELASTIC_RUN_ID"):
+        return f"TORCHELASTIC_RUN_ID={os.environ['TORCHELASTIC_RUN_ID']}"
+    return None
+
+
 def stop_with_launcher(poll_s: float = 1.0) -> threading.Thread:
     """Send this process SIGTERM once its launcher (torchrun's agent) is gone: torchrun starts ranks in sessions
     of their own, so a SIGKILLed agent would leave them training and writing checkpoints on their own. The

@@ -183,11 +183,13 @@ class TrainState:
     epoch: int = 0  # the epoch and batch index in it that come next
     batch: int = 0
     samples_seen: int = 0
+    shards: str = ""  # `data.fingerprint` of the shards it trains on: saved, and compared on resume, not restored
 
     def state_dict(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "ema": self.ema.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(), "step": self.step,
-                "epoch": self.epoch, "batch": self.batch, "samples_seen": self.samples_seen}
+                "epoch": self.epoch, "batch": self.batch, "samples_seen": self.samples_seen,
+                "shards_sha256": self.shards}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
@@ -429,9 +431,11 @@ def on_main(action: Callable[[], None]) -> None:
         raise error or checkpoint.CheckpointError("rank 0 could not write a checkpoint (see its error)")
 
 
-# Settings that decide the data order or the network: a resume with other values would silently diverge.
-FIXED_ON_RESUME = ("train.seed", "train.global_batch", "data.shards", "model.", "diffusion.", "sr.scale",
-                   "sr.channels", "sr.num_blocks", "sr.hr_patch", "classifier.width", "classifier.blocks")
+# Settings that decide the data order or the network: a resume with other values would silently diverge. The
+# shards are compared by content (`check_changes`), not by `data.shards`, their path. docs/reliability.md has
+# every setting that changes results, and why the others are accepted.
+FIXED_ON_RESUME = ("train.seed", "train.global_batch", "model.", "diffusion.", "sr.scale", "sr.channels",
+                   "sr.num_blocks", "sr.hr_patch", "classifier.width", "classifier.blocks")
 EX_TEMPFAIL = 75  # exit status of a run stopped by a signal after saving: not finished, run it again
 
 
@@ -446,12 +450,21 @@ def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def check_changes(saved: dict[str, Any], cfg: TrainerConfig, step: int) -> None:
-    """Refuse a resume whose config changes what decides the data order or the network (each such key named);
-    report any other change (learning rate, cadences, step budget…), which is allowed."""
-    before, now = _flat(saved), _flat(config.to_dict(cfg))
+def check_changes(state: dict[str, Any], tr: TrainState, cfg: TrainerConfig, step: int) -> None:
+    """Refuse a resume from checkpoint `state` whose config changes what decides the data order or the network
+    (each such key named), or whose shards have other content (their manifest's sha256; a copy elsewhere is the
+    same shards); report any other change (learning rate, cadences, step budget, the shards' path…), which is
+    allowed. A checkpoint from before shards were fingerprinted is compared by path: nothing proves the
+    content the same."""
+    before, now = _flat(state["config"]), _flat(config.to_dict(cfg))
     changed = [k for k in now if k in before and before[k] != now[k]]
     fixed = [f"{k} {before[k]!r} -> {now[k]!r}" for k in changed if k.startswith(FIXED_ON_RESUME)]
+    if state.get("shards_sha256", tr.shards) != tr.shards:
+        fixed.append(f"data.shards: other content (manifest sha256 {state['shards_sha256'][:12]}… -> "
+                     f"{tr.shards[:12]}…)")
+    elif "shards_sha256" not in state and "data.shards" in changed:
+        fixed.append(f"data.shards {before['data.shards']!r} -> {now['data.shards']!r} (the checkpoint predates "
+                     "shard fingerprints)")
     if fixed:
         raise ConfigError(f"{cfg.run.dir} was trained to step {step} with other settings that decide the data order "
                           f"or the model: {'; '.join(fixed)}; use the same values, or another --run.dir")
@@ -469,14 +482,13 @@ def resume(tr: TrainState, task: Task, hold: contextlib.ExitStack) -> bool:
     found, problem = None, None
     if dist.is_main():
         try:
-            hold.enter_context(checkpoint.locked(run_dir))
+            hold.enter_context(checkpoint.locked(run_dir, log=dist.print0))
             for stale in checkpoint.remove_temporaries(run_dir):
                 dist.print0(f"removed {stale}, left by a save that was killed")
             if cfg.run.fresh:
-                for moved in checkpoint.set_aside_all(run_dir):
-                    dist.print0(f"run.fresh: {moved.name} moved to {moved.parent}")
+                fresh(run_dir)
             found = checkpoint.load_latest(run_dir, log=dist.print0)
-        except checkpoint.CheckpointError as e:
+        except (checkpoint.CheckpointError, OSError) as e:  # raised on rank 0; the others get a line saying so
             problem = e
     step = dist.from_main(-2 if problem else found[0]["step"] if found else -1)
     if step == -2:
@@ -484,11 +496,23 @@ def resume(tr: TrainState, task: Task, hold: contextlib.ExitStack) -> bool:
     if step == -1:
         return False
     state = found[0] if found else checkpoint.load(checkpoint.path_for(run_dir, step))
-    check_changes(state["config"], cfg, step)
+    check_changes(state, tr, cfg, step)
     tr.load_state_dict(state)
     dist.print0(f"resumed from {checkpoint.path_for(run_dir, step)} "
                 f"(step {tr.step}, epoch {tr.epoch}, batch {tr.batch})")
     return True
+
+
+def fresh(run_dir: Path) -> None:
+    """`run.fresh`: set the run's checkpoints aside, once per job (`dist.job_id`), so that a requeue or an
+    elastic restart, which repeats the arguments, resumes from what this job has saved since."""
+    job = dist.job_id()
+    moved = checkpoint.start_fresh(run_dir, job)
+    if moved is None:
+        dist.print0(f"run.fresh: skipped: this job ({job}) started {run_dir} afresh before, so its restart resumes "
+                    f"(delete {run_dir / checkpoint.FRESH} to start afresh again)")
+    for path in moved or ():
+        dist.print0(f"run.fresh: {path.name} moved to {path.parent}")
 
 
 class Logger:
@@ -562,6 +586,7 @@ def _run(task: Task, stop: StopRequest, hold: contextlib.ExitStack) -> int:
     per_rank = data.share(t.global_batch, env.world_size, env.rank)[1]
     total_steps = t.max_steps or t.epochs * loader.batches_per_epoch
     tr = setup(task)
+    tr.shards = data.fingerprint(data.load_manifest(cfg.data.shards))
 
     # Resume from the newest checkpoint that verifies; then wrap for DDP and write the resolved config.
     resumed = resume(tr, task, hold)

@@ -178,6 +178,47 @@ def agent_store() -> Iterator[dict[str, str]]:
         del store
 
 
+@pytest.fixture(scope="session")
+def noflock_fs(tmp_path_factory) -> Path:
+    """tests/noflock_fs.c built with cc against libfuse3; the test skips where that or FUSE is missing
+    (.ci/run installs fuse3, libfuse3-dev and pkg-config)."""
+    missing = [t for t in ("cc", "pkg-config", "fusermount3") if shutil.which(t) is None]
+    if missing or not Path("/dev/fuse").exists():
+        pytest.skip(f"no FUSE to mount a filesystem that refuses flock: missing {', '.join(missing) or '/dev/fuse'}")
+    flags = subprocess.run(["pkg-config", "--cflags", "--libs", "fuse3"], capture_output=True, text=True)
+    if flags.returncode != 0:
+        pytest.skip(f"no libfuse3 development files (pkg-config fuse3: {flags.stderr.strip()})")
+    binary = tmp_path_factory.mktemp("noflock") / "noflock_fs"
+    subprocess.run(["cc", "-O1", "-o", binary, REPO / "tests" / "noflock_fs.c", *flags.stdout.split()], check=True)
+    return binary
+
+
+@pytest.fixture
+def refusing_flock(noflock_fs, tmp_path, procs):
+    """`refusing_flock(errno)`: a directory on a FUSE filesystem whose flock fails with `errno`, as run
+    directories do on NFS without lockd (ENOLCK) or Lustre mounted noflock (ENOSYS); unmounted when the test
+    ends, before `procs` kills the filesystem's process."""
+    mounts = []
+
+    def mount(errno: int) -> Path:
+        backing, point = tmp_path / f"backing{len(mounts)}", tmp_path / f"mnt{len(mounts)}"
+        backing.mkdir()
+        point.mkdir()
+        proc = procs.start([noflock_fs, errno, backing, point, "-f", "-s"])
+        mounts.append(point)
+        deadline = time.monotonic() + 30
+        while not os.path.ismount(point):
+            if proc.returncode is not None:
+                pytest.skip(f"cannot mount FUSE here: {proc.wait(timeout=5).strip()}")
+            assert time.monotonic() < deadline, f"{point} not mounted after 30 s: {proc.output}"
+            time.sleep(0.05)
+        return point
+
+    yield mount
+    for point in mounts:
+        subprocess.run(["fusermount3", "-u", "-z", point], capture_output=True)
+
+
 def load_tool(name: str):
     """A script in tools/ imported as a module (tools/ is not a package)."""
     import importlib.util

@@ -1,3 +1,4 @@
+import errno
 import io
 import threading
 import time
@@ -41,7 +42,7 @@ def test_truncated_or_corrupt_newest_falls_back_to_previous(tmp_path):
     assert state["step"] == 1 and path == checkpoint.path_for(tmp_path, 1)
     assert len(messages) == 2 and "step_00000003.pt" in messages[0] and "checksum" in messages[0]
     assert checkpoint.candidates(tmp_path) == [path]  # the unusable ones are set aside, never counted again
-    assert sorted(p.name for p in (tmp_path / "checkpoints" / "set_aside").iterdir()) == [
+    assert sorted(p.name for p in (tmp_path / "checkpoints" / "set_aside" / "1").iterdir()) == [
         "step_00000002.pt", "step_00000002.pt.sha256", "step_00000003.pt", "step_00000003.pt.sha256"]
 
 
@@ -65,12 +66,45 @@ def test_an_older_step_written_after_a_newer_one_is_kept(tmp_path):
 
 
 def test_when_no_checkpoint_is_usable_the_run_is_refused_not_restarted(tmp_path):
+    """The refusal stays: the unusable files are set aside, so a later start that trusted the empty folder
+    would train from step 0. Until the user deletes REFUSED (or starts afresh), every start is refused."""
     checkpoint.save(tmp_path, 2, _state(2), keep=2)
     path = checkpoint.path_for(tmp_path, 2)
     path.write_bytes(b"garbage")
     with pytest.raises(checkpoint.CheckpointError, match=r"no checkpoint is usable \(step_00000002.pt: checksum"):
         checkpoint.load_latest(tmp_path, log=lambda m: None)
-    assert checkpoint.load_latest(tmp_path) is None  # set aside now: only run.fresh may start again
+    marker = tmp_path / "checkpoints" / checkpoint.REFUSED
+    for _ in range(2):
+        with pytest.raises(checkpoint.CheckpointError) as e:
+            checkpoint.load_latest(tmp_path, log=pytest.fail)
+        assert str(e.value).startswith(f"{marker}: resume refused by an earlier start: no checkpoint is usable (")
+        assert "--run.fresh true" in str(e.value) and f"delete {marker}" in str(e.value) and "\n" not in str(e.value)
+    marker.unlink()  # the user's act: the run may start from step 0
+    assert checkpoint.load_latest(tmp_path) is None
+
+
+def test_what_is_set_aside_twice_under_one_name_keeps_both_copies(tmp_path):
+    copies = []
+    for attempt in (b"first", b"second"):
+        checkpoint.save(tmp_path, 1, _state(1), keep=2)
+        checkpoint.save(tmp_path, 2, _state(2), keep=2)
+        checkpoint.path_for(tmp_path, 2).write_bytes(attempt)
+        state, _ = checkpoint.load_latest(tmp_path, log=lambda m: None)
+        assert state["step"] == 1
+        copies.append(attempt)
+    assert sorted(p.read_bytes() for p in (tmp_path / "checkpoints" / "set_aside").rglob("step_00000002.pt")) == copies
+
+
+def test_run_fresh_sets_aside_once_per_job(tmp_path):
+    """A requeued job repeats `--run.fresh true`; only its first start may set the run's checkpoints aside."""
+    checkpoint.save(tmp_path, 5, _state(5), keep=2)
+    assert [p.name for p in checkpoint.start_fresh(tmp_path, "SLURM_JOB_ID=7")] == ["step_00000005.pt"]
+    checkpoint.save(tmp_path, 1, _state(1), keep=2)  # what the fresh start saved before it was requeued
+    assert checkpoint.start_fresh(tmp_path, "SLURM_JOB_ID=7") is None
+    assert checkpoint.load_latest(tmp_path)[0]["step"] == 1
+    assert [p.name for p in checkpoint.start_fresh(tmp_path, "SLURM_JOB_ID=8")] == ["step_00000001.pt"]
+    assert [p.name for p in checkpoint.start_fresh(tmp_path, None)] == []  # a plain process always starts afresh
+    assert sorted(p.name for p in (tmp_path / "checkpoints" / "set_aside").iterdir()) == ["1", "2"]  # none for nothing
 
 
 def test_a_checkpoint_whose_pickle_would_run_code_is_rejected_unexecuted(tmp_path):
@@ -94,6 +128,26 @@ def test_leftovers_of_killed_saves_are_removed(tmp_path):
     stale = tmp_path / "checkpoints" / ".step_00000002.pt.4242.tmp"
     stale.write_bytes(b"half a checkpoint")
     assert checkpoint.remove_temporaries(tmp_path) == [stale] and not stale.exists()
+
+
+@pytest.mark.parametrize("code", ["ENOLCK", "ENOSYS"])
+def test_a_filesystem_that_refuses_flock_leaves_the_run_directory_unprotected_with_one_line(refusing_flock, code):
+    """A FUSE filesystem whose flock fails as NFS without lockd (ENOLCK) or Lustre mounted noflock (ENOSYS) does:
+    the run goes on, and says so once."""
+    run = refusing_flock(getattr(errno, code))
+    lines = []
+    with checkpoint.locked(run, log=lines.append):
+        with checkpoint.locked(run, log=lines.append):  # nothing stops a second run there
+            pass
+    assert lines == [f"{run}: unprotected: its filesystem refused flock ({code}), so nothing stops a second run "
+                     "from writing here at the same time (docs/reliability.md#shared-filesystems)"] * 2
+
+
+def test_any_other_lock_failure_is_one_line_naming_the_file(refusing_flock):
+    run = refusing_flock(errno.EIO)
+    with pytest.raises(checkpoint.CheckpointError, match=rf"^{run}/.lock: cannot lock \(EIO: Input/output error\)$"):
+        with checkpoint.locked(run, log=pytest.fail):
+            pass
 
 
 def test_a_run_directory_is_held_by_one_run(tmp_path):

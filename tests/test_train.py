@@ -1,12 +1,14 @@
 """The training entrypoint, in-process and as real multi-process DDP (torchrun + gloo on the CPU)."""
 
 import dataclasses
+import errno
 import json
 import os
 import signal
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import conftest
 import pytest
@@ -15,6 +17,7 @@ import torch.multiprocessing as mp
 from conftest import CONFIGS
 
 from ddpdiff import checkpoint, config, data, dist, loop, train
+from ddpdiff.atomic import sha256_file
 from ddpdiff.celeba import ATTRIBUTES
 from ddpdiff.models import DenoiserMeta
 from ddpdiff.pipeline import Pipeline
@@ -306,6 +309,40 @@ def test_torchrun_max_restarts_restarts_a_killed_rank_and_resumes_bitwise_identi
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_run_fresh_under_torchrun_max_restarts_applies_once_and_the_restart_resumes(shards_dir, tmp_path, procs):
+    """torchrun restarts the group with the same arguments, `--run.fresh true` included: the restart must
+    resume from the checkpoint the fresh start wrote, not set it aside and train from step 0 again."""
+    run = tmp_path / "run"
+    assert train.main(_args(shards_dir, run, "--train.max_steps", 3)) == 0  # an earlier run's checkpoints
+    proc = _torchrun(procs, 2, _args(shards_dir, run, *KILLED_RUN, "--run.fresh", "true"),
+                     launcher=("--max-restarts", 1))
+    _wait_for(checkpoint.path_for(run, 4).with_name("step_00000004.pt.sha256"), proc, 240)
+    os.kill(_rank_pid(proc, 1), signal.SIGKILL)
+    out = proc.wait(timeout=300)
+    assert proc.returncode == 0 and out.count("ddpdiff world_size") == 2, out  # one start, one restart
+    assert out.count("run.fresh: step_00000003.pt moved to") == 1 and out.count("moved to") == 1, out
+    assert out.count("run.fresh: skipped: this job (TORCHELASTIC_RUN_ID=") == 1, out
+    resumed = int(out.split(f"resumed from {run}/checkpoints/step_")[1][:8])
+    assert resumed >= 4 and _final(run)["step"] == 24, out
+    assert [p.name for p in (run / "checkpoints" / "set_aside").iterdir()] == ["1"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_run_directory_whose_filesystem_refuses_flock_trains_and_says_so_once(shards_dir, refusing_flock, procs):
+    """2 ranks on a FUSE filesystem whose flock fails as on NFS without lockd: the run goes on, and rank 0 says
+    once that the directory is unprotected (it used to fail with an uncaught OSError at every start)."""
+    run = refusing_flock(errno.ENOLCK) / "run"
+    for start in range(2):  # the second start resumes
+        proc = _torchrun(procs, 2, _args(shards_dir, run, "--train.max_steps", 3 * (start + 1)))
+        out = proc.wait(timeout=300)
+        assert proc.returncode == 0, out
+        assert out.count(f"{run}: unprotected: its filesystem refused flock (ENOLCK)") == 1, out
+    assert "resumed from" in out and _final(run)["step"] == 6
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 2])
 def test_sigterm_makes_every_rank_checkpoint_and_the_same_command_resumes(shards_dir, tmp_path, workers, procs):
     """The signal goes to the whole process group, as SLURM's does: loader workers too, which must leave the
@@ -350,7 +387,7 @@ def test_corrupt_newest_checkpoint_is_reported_and_the_previous_used(shards_dir,
     out = capsys.readouterr().out
     assert "step_00000006.pt set aside in" in out and "checksum mismatch" in out and "(step 3," in out
     assert _final(run)["step"] == 6
-    assert (run / "checkpoints" / "set_aside" / "step_00000006.pt").is_file()  # kept for inspection
+    assert (run / "checkpoints" / "set_aside" / "1" / "step_00000006.pt").is_file()  # kept for inspection
 
 
 @pytest.mark.slow
@@ -609,7 +646,44 @@ def test_a_resume_that_changes_the_data_order_or_the_model_is_refused(shards_dir
     assert _final(run)["step"] == 4
 
 
-def test_no_usable_checkpoint_refuses_the_run_unless_fresh(shards_dir, tmp_path, capsys):
+def test_shards_are_compared_by_content_so_a_staged_copy_resumes_and_other_shards_are_refused(
+        shards_dir, shards_copy, tmp_path, capsys):
+    """Jobs stage the shards to node-local disk, each at a path of its own: the path may change, the content
+    (the manifest's sha256, which holds each shard's) may not."""
+    run = tmp_path / "run"
+    assert train.main(_args(shards_dir, run, "--train.max_steps", 3)) == 0
+    assert train.main(_args(shards_copy, run, "--train.max_steps", 4)) == 0
+    assert f"data.shards {str(shards_dir)!r} -> {str(shards_copy)!r}" in capsys.readouterr().out
+    assert _final(run)["step"] == 4
+
+    tar = shards_copy / "train" / "train-000000.tar"  # one caption changed: other shards, re-written in place
+    conftest.rewrite_tar(tar, lambda name, data: (name, data + b" Smiling." if name.endswith(".txt") else data))
+    manifest = json.loads((shards_copy / "manifest.json").read_text())
+    entry = next(e for e in manifest["splits"]["train"]["shards"] if e["path"] == "train/train-000000.tar")
+    entry["sha256"] = sha256_file(tar)
+    (shards_copy / "manifest.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert train.main(_args(shards_copy, run, "--train.max_steps", 5)) == 2
+    err = capsys.readouterr().err.strip()
+    assert "was trained to step 4 with other settings" in err and "data.shards: other content (manifest sha256 " in err
+    assert err.count("\n") == 0 and _final(run)["step"] == 4
+
+
+def test_a_checkpoint_without_a_shard_fingerprint_is_compared_by_path():
+    """Checkpoints written before the fingerprint prove nothing about their shards' content."""
+    saved, now = (config.load(SMOKE, ["--data.shards", path]) for path in ("a/shards", "b/shards"))
+    tr = SimpleNamespace(shards="0" * 64)
+    loop.check_changes({"config": config.to_dict(now)}, tr, now, 3)
+    with pytest.raises(config.ConfigError, match=r"data.shards 'a/shards' -> 'b/shards' \(the checkpoint predates"):
+        loop.check_changes({"config": config.to_dict(saved)}, tr, now, 3)
+    loop.check_changes({"config": config.to_dict(saved), "shards_sha256": "0" * 64}, tr, now, 3)  # same content
+
+
+def test_no_usable_checkpoint_refuses_the_run_unless_fresh(shards_dir, tmp_path, capsys, monkeypatch):
+    """Every start is refused, not only the first (which sets the files aside, so the next found none and
+    trained from step 0), until the user passes run.fresh."""
+    for name in ("SLURM_JOB_ID", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
     run = tmp_path / "run"
     assert train.main(_args(shards_dir, run)) == 0
     for path in checkpoint.candidates(run):
@@ -617,8 +691,34 @@ def test_no_usable_checkpoint_refuses_the_run_unless_fresh(shards_dir, tmp_path,
     assert train.main(_args(shards_dir, run)) == 2
     err = capsys.readouterr().err
     assert "no checkpoint is usable (step_00000006.pt: checksum mismatch" in err and "--run.fresh true" in err
+    assert train.main(_args(shards_dir, run)) == 2
+    err = capsys.readouterr().err.strip()
+    assert "resume refused by an earlier start: no checkpoint is usable (step_00000006.pt" in err, err
+    assert "--run.fresh true" in err and err.count("\n") == 0
     assert train.main(_args(shards_dir, run, "--run.fresh", "true", "--train.max_steps", 2)) == 0
     assert _final(run)["step"] == 2
+
+
+def test_run_fresh_applies_once_per_slurm_job_so_a_requeue_resumes(shards_dir, tmp_path, capsys, monkeypatch):
+    """slurm/train.sh and jobs/submit.py requeue a job with the same arguments and SLURM_JOB_ID."""
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    run = tmp_path / "run"
+    assert train.main(_args(shards_dir, run, "--train.max_steps", 3)) == 0  # an earlier run's checkpoints
+    fresh = ("--run.fresh", "true")
+    monkeypatch.setenv("SLURM_JOB_ID", "41")
+    assert train.main(_args(shards_dir, run, *fresh, "--train.max_steps", 3)) == 0
+    assert "run.fresh: step_00000003.pt moved to" in capsys.readouterr().out
+    assert train.main(_args(shards_dir, run, *fresh, "--train.max_steps", 6)) == 0  # the requeue
+    out = capsys.readouterr().out
+    assert "run.fresh: skipped: this job (SLURM_JOB_ID=41) started" in out and "moved to" not in out, out
+    assert f"resumed from {checkpoint.path_for(run, 3)} " in out and _final(run)["step"] == 6
+    monkeypatch.setenv("SLURM_JOB_ID", "42")  # another job with the same command starts afresh again
+    assert train.main(_args(shards_dir, run, *fresh, "--train.max_steps", 2)) == 0
+    out = capsys.readouterr().out
+    assert "run.fresh: step_00000006.pt moved to" in out and "resumed from" not in out and _final(run)["step"] == 2
+    aside = sorted((run / "checkpoints" / "set_aside").rglob("step_00000003.pt"))  # none overwrote another
+    assert [checkpoint.load(p)["config"]["run"]["fresh"] for p in aside] == [False, True]
 
 
 def _single(procs, args, **kw):

@@ -10,8 +10,7 @@ it. Errors are `DataError`, with a one-line message naming the file or field.
 
 from .batch import to_float
 from .loader import Loader, read_samples, share, split_attributes
-from .manifest import DataError, load_manifest, split_count, verify_shards
+from .manifest import DataError, fingerprint, load_manifest, split_count, verify_shards
 
-__all__ = ["DataError", "Loader", "load_manifest", "read_samples", "share", "split_attributes", "split_count",
-           "to_float",
-           "verify_shards"]
+__all__ = ["DataError", "Loader", "fingerprint", "load_manifest", "read_samples", "share", "split_attributes",
+           "split_count", "to_float", "verify_shards"]

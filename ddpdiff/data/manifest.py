@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -112,6 +113,12 @@ def verify_shards(shards_dir: str | os.PathLike, splits: tuple[str, ...] | None 
                 problems.append(f"{shard}: sha256 {sha[:16]}... of its {size} bytes, but {path.name} says "
                                 f"{entry['sha256'][:16]}... (damaged or replaced)")
     return problems
+
+
+def fingerprint(manifest: dict) -> str:
+    """sha256 of the manifest's content (keys sorted): the same for every copy of a shard set, wherever it is
+    staged, and another for other shards (the manifest holds each shard's count and sha256)."""
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def split_count(manifest: dict, split: str) -> int:
