@@ -124,7 +124,7 @@ class SampleConfig:
     steps: int = _f(20, "sampling steps (respaced, at most diffusion.timesteps)")
     guidance: float = _f(2.0, "classifier-free guidance scale; 0 means unconditional, 1 plain conditional")
     guidance_interval: list[float] = _f([0.17, 0.88], "[LO, HI]: guidance only where LO <= t/T < HI (more "
-                                        "varied samples; also in-training evaluation); [] every step")
+                                        "varied samples); [] every step")
     eta: float = _f(0.0, "DDIM eta (0 is deterministic)")
 
 
@@ -149,11 +149,16 @@ class ClassifierConfig:
 class EvalConfig:
     every_steps: int = _f(0, "evaluate during training every N steps (all ranks share the work); 0 disables it")
     num: int = _f(64, "generated images per evaluation")
-    metrics: list[str] = _f(["attr_acc", "clip_score"], "any of attr_acc, clip_score, fid, diversity")
+    metrics: list[str] = _f(["attr_acc", "clip_cosine"], "any of attr_acc, clip_cosine, fid, diversity "
+                                                          "(clip_score: clip_cosine's former name)")
     classifier: str = _f("", "attribute classifier run dir or checkpoint (train_classifier), for attr_acc")
     inception: str = _f("", "local Inception weights file for fid (or env DDPDIFF_INCEPTION_WEIGHTS)")
+    sampler: Literal["ddpm", "ddim", "dpmpp2m"] = _f("dpmpp2m", "sampler for evaluation (as sample.sampler)")
     steps: int = _f(50, "sampling steps for evaluation")
     guidance: float = _f(2.0, "guidance scale for evaluation")
+    guidance_interval: list[float] = _f([0.17, 0.88], "[LO, HI]: guidance only where LO <= t/T < HI, for "
+                                        "evaluation; [] every step")
+    eta: float = _f(0.0, "DDIM eta for evaluation")
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Evaluate a diffusion checkpoint: attribute accuracy, CLIP score, FID and diversity of samples for val-split
+"""Evaluate a diffusion checkpoint: attribute accuracy, CLIP cosine, FID and diversity of samples for val-split
 prompts.
 
   torchrun --nproc_per_node=8 -m ddpdiff.eval --checkpoint runs/celeba64 --classifier runs/classifier \\
@@ -11,7 +11,7 @@ split (--fid-split, default all train images), computed once and cached beside t
 
 Sample i is generated for the prompt (and stored CLIP embeddings) of val image i, cycling when --num exceeds
 the val split, from the seed `python -m ddpdiff.sample --seed SEED` gives prompt i's first image; every
-metric is reported beside the same metric for the real val images (ddpdiff/metrics.py says what each
+metric is reported beside the same metric for the real val images (ddpdiff/metrics/ says what each
 measures). --held-out A+B[,C+D] adds --held-out-num samples per attribute pair for the val prompts that
 have both (numbered from N on): does the model compose a pair its training images never showed together,
 and does each attribute keep its own colour (docs/evaluation.md). Diversity adds K samples for each of P
@@ -26,78 +26,74 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable
 
 import torch
-from torch import nn
 
 from . import dist, fid
 from .atomic import write_text
-from .errors import cli
+from .errors import UsageError, cli
 from .images import write_png
-from .metrics import METRICS, Evaluator, parse_attributes, parse_held_out, parse_metrics, scalars, summary
+from .metrics import (EvalError, EvalSpec, Evaluator, Report, named, parse_attributes, parse_held_out, parse_metrics,
+                      sampler)
 from .monitor import Monitor
 from .pipeline import Pipeline
-from .sampling import (
-    DEFAULT_GUIDANCE,
-    DEFAULT_GUIDANCE_INTERVAL,
-    DEFAULT_SAMPLER,
-    DEFAULT_STEPS,
-    SAMPLER_HELP,
-    SAMPLERS,
-    add_guidance_arguments,
-)
+from .sampling import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLER_HELP, SAMPLERS, add_guidance_arguments
 
 
-def evaluate(checkpoint: str | Path, shards: str | Path | None = None, metrics: Iterable[str] | str = METRICS,
-             num: int = 64, steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE,
-             classifier: str | Path | None = None,
-             attributes: Iterable[str] | str | None = None, inception: str | Path | nn.Module | None = None,
-             sampler: str = DEFAULT_SAMPLER, seed: int = 0, batch_size: int = 64, device: str | None = None,
-             clip_pretrained: str | None = None, progress: bool = True, save_samples: str | Path | None = None,
-             fid_split: str = "train", fid_count: int | None = None, bf16: bool = True,
-             held_out: str | Iterable[Sequence[str]] | None = None, held_out_num: int = 32,
-             guidance_interval: Sequence[float] | None = DEFAULT_GUIDANCE_INTERVAL, diversity_prompts: int = 8,
-             diversity_samples: int = 8,
-             log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr, flush=True)) -> dict:
-    """Generate `num` samples for val prompts with a diffusion checkpoint and report the metrics; call it on
+@dataclass(frozen=True)
+class Evaluation:
+    """A checkpoint's evaluation: where it came from, how it was made, and its report."""
+
+    checkpoint: str
+    step: int
+    shards: str
+    spec: EvalSpec
+    ranks: int
+    bf16: bool
+    report: Report
+
+    def to_dict(self) -> dict:
+        """The JSON report: the settings, then the metrics' figures."""
+        s = self.spec
+        return {"checkpoint": self.checkpoint, "step": self.step, "shards": self.shards, "sampler": s.sampler,
+                "steps": s.steps, "guidance": s.guidance,
+                "guidance_interval": list(s.guidance_interval) if s.guidance_interval else None, "seed": s.seed,
+                "classifier": str(s.classifier) if s.classifier else None, "ranks": self.ranks, "bf16": self.bf16,
+                **self.report.to_dict()}
+
+
+def evaluate(checkpoint: str | Path, spec: EvalSpec, shards: str | Path | None = None, *,
+             device: str | None = None, clip_pretrained: str | None = None, progress: bool = True,
+             save_samples: str | Path | None = None, bf16: bool = True,
+             log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr, flush=True)) -> Evaluation:
+    """Generate `spec.num` samples for val prompts with a diffusion checkpoint and report the metrics; call it on
     every rank (after `dist.init`) or in one process.
 
     `shards` defaults to the checkpoint's own data.shards; a seed gives the same report again. With
     `save_samples`, sample i is also written there as iIIIIII.png (diversity's sample k of val prompt i as
-    iIIIIII_sKKK.png). `bf16`: sample under bf16 autocast on GPUs. `guidance_interval` (LO, HI): guidance only
-    for t/T in it (`sampling.guided`). `held_out`: attribute pairs ("A+B,C+D") measured on `held_out_num`
-    extra samples each (see `Evaluator`).
+    iIIIIII_sKKK.png). `bf16`: sample under bf16 autocast on GPUs.
     """
-    metrics = parse_metrics(metrics)
-    pipe = Pipeline.from_checkpoint(checkpoint, device, encoder="clip_score" in metrics,
-                                    clip_pretrained=clip_pretrained)
-    pipe.check(sampler, steps, guidance_interval=guidance_interval)
+    pipe = Pipeline.from_checkpoint(checkpoint, device, encoder=False)
+    pipe.check(spec.sampler, spec.steps, guidance_interval=spec.guidance_interval)
     shards = shards or pipe.shards
-    evaluator = Evaluator(shards, pipe.meta, metrics, num, classifier=classifier, attributes=attributes,
-                          inception=inception, device=pipe.device, batch_size=batch_size, encoder=pipe.encoder,
-                          fid_split=fid_split, fid_count=fid_count, held_out=held_out, held_out_num=held_out_num,
-                          diversity_prompts=diversity_prompts, diversity_samples=diversity_samples,
+    evaluator = Evaluator(shards, pipe.meta, spec, clip_pretrained=clip_pretrained, device=pipe.device,
                           rank=dist.rank(), world_size=dist.world_size(), progress=progress, log=log)
+    make = sampler(pipe, spec, progress)
 
     def generate(batch: dict) -> torch.Tensor:
         with pipe.autocast(bf16):
-            images = pipe.generate_for(batch, seed, sampler=sampler, steps=steps, guidance=guidance,
-                                       batch_size=batch_size, progress=progress, guidance_interval=guidance_interval)
+            images = make(batch)
         if save_samples:
             names = ([f"i{i:06d}_s{k:03d}.png" for i, k in zip(batch["index"], batch["sample"])] if "sample" in batch
                      else [f"i{i:06d}.png" for i in batch["index"]])
             for name, image in zip(names, images):
                 write_png(Path(save_samples) / name, image)
         return images
-    report = evaluator.run(generate)
-    settings = {"checkpoint": str(pipe.source), "step": pipe.step, "shards": str(shards), "sampler": sampler,
-                "steps": steps, "guidance": guidance,
-                "guidance_interval": list(guidance_interval) if guidance_interval else None, "seed": seed,
-                "classifier": str(classifier) if classifier else None,
-                "ranks": dist.world_size(), "bf16": bf16 and pipe.device.type == "cuda"}
-    return {**settings, **report}
+    return Evaluation(str(pipe.source), pipe.step, str(shards), spec, dist.world_size(),
+                      bf16 and pipe.device.type == "cuda", evaluator.run(generate))
 
 
 def run_dir_of(path: Path) -> Path:
@@ -113,8 +109,8 @@ def parser() -> argparse.ArgumentParser:
                         "exported .safetensors file (python -m ddpdiff.export)")
     p.add_argument("--data", metavar="SHARDS", help="shard directory whose val split gives prompts and real "
                    "images (default: the checkpoint's data.shards)")
-    p.add_argument("--metrics", default=",".join(METRICS), help=f"comma-separated, any of {', '.join(METRICS)} "
-                   "(default all)")
+    p.add_argument("--metrics", default=",".join(named()), help=f"comma-separated, any of {', '.join(named())} "
+                   "(default all; clip_score is clip_cosine's former name)")
     p.add_argument("--num-samples", "--num", dest="num", type=int, default=10_000, metavar="N",
                    help="samples to generate, one per val prompt, cycling (default 10000, the usual FID count; "
                    "50000 for the papers that use it; compare FIDs only at the same count). Under torchrun "
@@ -156,35 +152,50 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def flag(setting: str) -> str:
+    """An EvalSpec field as this command line names it."""
+    return "--" + setting.replace("_", "-")
+
+
+def spec_of(args: argparse.Namespace) -> EvalSpec:
+    """The command line's EvalSpec (training makes its own from `eval.*`: `train.eval_spec`)."""
+    return EvalSpec(
+        metrics=parse_metrics(args.metrics), num=args.num, attributes=parse_attributes(args.attributes),
+        classifier=args.classifier, inception=args.inception, fid_split=args.fid_split, fid_count=args.fid_count,
+        held_out=() if args.held_out is None else parse_held_out(args.held_out), held_out_num=args.held_out_num,
+        diversity_prompts=args.diversity_prompts, diversity_samples=args.diversity_samples, sampler=args.sampler,
+        steps=args.steps, guidance=args.guidance, guidance_interval=args.guidance_interval, seed=args.seed,
+        batch_size=args.batch_size)
+
+
 @cli("ddpdiff.eval")
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    env = dist.init(device=args.device)
     try:
-        report = evaluate(args.checkpoint, args.data, parse_metrics(args.metrics), args.num, args.steps,
-                          args.guidance, args.classifier, parse_attributes(args.attributes), args.inception,
-                          sampler=args.sampler, seed=args.seed, batch_size=args.batch_size, device=env.device,
-                          clip_pretrained=args.clip_pretrained, progress=not args.no_progress and env.rank == 0,
-                          save_samples=args.save_samples, fid_split=args.fid_split, fid_count=args.fid_count,
-                          bf16=not args.fp32, held_out_num=args.held_out_num,
-                          held_out=None if args.held_out is None else parse_held_out(args.held_out),
-                          guidance_interval=args.guidance_interval, diversity_prompts=args.diversity_prompts,
-                          diversity_samples=args.diversity_samples, log=lambda msg: dist.print0(msg, file=sys.stderr))
-    finally:
-        dist.cleanup()
+        spec = spec_of(args)
+        env = dist.init(device=args.device)
+        try:
+            result = evaluate(args.checkpoint, spec, args.data, device=env.device,
+                              clip_pretrained=args.clip_pretrained, progress=not args.no_progress and env.rank == 0,
+                              save_samples=args.save_samples, bf16=not args.fp32,
+                              log=lambda msg: dist.print0(msg, file=sys.stderr))
+        finally:
+            dist.cleanup()
+    except EvalError as e:
+        raise UsageError(e.worded(flag)) from None
     if env.rank != 0:  # rank 0 alone reports
         return 0
-    run_dir = run_dir_of(Path(report["checkpoint"]))
+    run_dir = run_dir_of(Path(result.checkpoint))
     interval = "_interval{:g}-{:g}".format(*args.guidance_interval) if args.guidance_interval else ""
-    out = run_dir / "eval" / (f"step_{report['step']:08d}_num{args.num}_steps{args.steps}_"
+    out = run_dir / "eval" / (f"step_{result.step:08d}_num{args.num}_steps{args.steps}_"
                               f"guidance{args.guidance:g}{interval}.json")
-    text = json.dumps(report, indent=1)
+    text = json.dumps(result.to_dict(), indent=1)
     write_text(out, text + "\n")
     monitor = Monitor(run_dir, enabled=True)
-    head, detail = scalars(report)
-    monitor.scalars(report["step"], {**head, **detail}, console=False)
+    head, detail = result.report.scalars()
+    monitor.scalars(result.step, {**head, **detail}, console=False)
     monitor.close()
-    print(summary(report), file=sys.stderr, flush=True)
+    print(result.report.summary(), file=sys.stderr, flush=True)
     print(f"report: {out}", file=sys.stderr, flush=True)
     print(text, flush=True)
     return 0

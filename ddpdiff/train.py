@@ -18,15 +18,24 @@ import torch
 from torch import nn
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from . import conditioning, data, dist, fid, loop, metrics, models
+from . import conditioning, data, dist, loop, metrics, models
 from .config import Config
 from .diffusion import Diffusion
-from .errors import UsageError
 from .images import write_png
 from .models import DenoiserMeta
 from .monitor import Monitor
 from .pipeline import Pipeline
 from .sampling import image_seed, interval_problems
+
+
+def eval_spec(cfg: Config, batch_size: int = 64) -> metrics.EvalSpec:
+    """The in-training evaluation's spec: `eval.*`, with the run's seed (the images `python -m ddpdiff.eval
+    --seed train.seed` makes)."""
+    e = cfg.eval
+    return metrics.EvalSpec(metrics=tuple(e.metrics), num=e.num, classifier=e.classifier or None,
+                            inception=e.inception or None, sampler=e.sampler, steps=e.steps, guidance=e.guidance,
+                            guidance_interval=tuple(e.guidance_interval) or None, eta=e.eta, seed=cfg.train.seed,
+                            batch_size=batch_size)
 
 
 def eval_problems(cfg: Config, world_size: int, manifest: dict) -> list[str]:
@@ -36,30 +45,11 @@ def eval_problems(cfg: Config, world_size: int, manifest: dict) -> list[str]:
         out.append(f"eval.every_steps must be >= 0, got {e.every_steps}")
     if e.every_steps <= 0:
         return out
-    try:
-        metrics.parse_metrics(e.metrics)
-    except metrics.EvalError as err:
-        out.append(str(err).replace("--metrics", "eval.metrics"))
-    if e.num < world_size:
-        out.append(f"eval.num {e.num} is less than the world size {world_size} (every rank makes samples)")
     if not 1 <= e.steps <= cfg.diffusion.timesteps:
         out.append(f"eval.steps {e.steps} is outside 1..{cfg.diffusion.timesteps} (diffusion.timesteps)")
-    val = data.split_count(manifest, "val")
-    if val < world_size:
-        out.append(f"the val split of {cfg.data.shards} has {val} images, fewer than the {world_size} ranks")
-    if e.classifier:
-        try:
-            _, cmeta = metrics.load_classifier(e.classifier)
-            if cmeta.image_size != manifest["image_size"]:
-                out.append(f"eval.classifier {e.classifier}: trained on {cmeta.image_size}px images, but "
-                           f"the shards hold {manifest['image_size']}px ones")
-        except UsageError as err:
-            out.append(f"eval.classifier: {err}")
-    try:
-        fid.weights_path(e.inception)
-    except fid.FIDError as err:
-        out.append(str(err).replace("--inception", "eval.inception"))
-    return out
+    out += interval_problems(e.guidance_interval, "eval.guidance_interval")
+    found = metrics.problems(eval_spec(cfg), cfg.data.shards, manifest, world_size)
+    return out + [problem.worded(lambda setting: f"eval.{setting}") for problem in found]
 
 
 class TrainingEval:
@@ -73,20 +63,17 @@ class TrainingEval:
     """
 
     def __init__(self, cfg: Config, meta: DenoiserMeta, env: dist.Env, batch_size: int):
-        self.cfg, self.meta, self.env, self.batch_size = cfg, meta, env, batch_size
+        self.spec, self.shards, self.meta, self.env = eval_spec(cfg, batch_size), cfg.data.shards, meta, env
         self.evaluator: metrics.Evaluator | None = None
 
-    def __call__(self, step: int, pipe: Pipeline, monitor: Monitor) -> dict:
-        e, env = self.cfg.eval, self.env
+    def __call__(self, step: int, pipe: Pipeline, monitor: Monitor) -> metrics.Report:
+        env = self.env
         if self.evaluator is None:
-            self.evaluator = metrics.Evaluator(
-                self.cfg.data.shards, self.meta, e.metrics, e.num, classifier=e.classifier or None,
-                inception=e.inception or None, device=env.device, batch_size=self.batch_size, rank=env.rank,
-                world_size=env.world_size, log=lambda msg: dist.print0(msg, file=sys.stderr))
-        report = self.evaluator.run(lambda batch: pipe.generate_for(
-            batch, self.cfg.train.seed, sampler=self.cfg.sample.sampler, steps=e.steps, guidance=e.guidance,
-            eta=self.cfg.sample.eta, batch_size=self.batch_size, guidance_interval=self.cfg.sample.guidance_interval))
-        head, detail = metrics.scalars(report)
+            self.evaluator = metrics.Evaluator(self.shards, self.meta, self.spec, device=env.device, rank=env.rank,
+                                               world_size=env.world_size,
+                                               log=lambda msg: dist.print0(msg, file=sys.stderr))
+        report = self.evaluator.run(metrics.sampler(pipe, self.spec))
+        head, detail = report.scalars()
         monitor.scalars(step, head)
         monitor.scalars(step, detail, console=False)
         return report

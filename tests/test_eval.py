@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ddpdiff import eval as ev, fid, synthetic, train
+from ddpdiff import eval as ev, fid, metrics, synthetic, train
 
 from conftest import CONFIGS
 from test_metrics import HELD_OUT
@@ -32,7 +32,7 @@ def test_cli_reports_json_to_stdout_a_file_and_tensorboard(diffusion_run, classi
                     "--held-out", HELD_OUT, "--held-out-num", "2"]) == 0
     captured = capsys.readouterr()
     report = json.loads(captured.out)
-    assert report["step"] == 2 and report["metrics"] == ["attr_acc", "clip_score"]
+    assert report["step"] == 2 and report["metrics"] == ["attr_acc", "clip_cosine"]
     assert report["attr_acc"]["attributes"] == list(synthetic.VISIBLE) and report["attr_acc"]["num"] == 3
     assert report["skipped"]["fid"] == fid.SKIP_MESSAGE and fid.SKIP_MESSAGE in captured.err
     assert report["skipped"]["diversity"].startswith("diversity skipped: no 8 val images")  # 4 val images
@@ -45,13 +45,15 @@ def test_cli_reports_json_to_stdout_a_file_and_tensorboard(diffusion_run, classi
     assert "held-out pairs (2 samples each" in captured.err
     saved = diffusion_run / "eval" / "step_00000002_num3_steps2_guidance2_interval0.17-0.88.json"
     assert json.loads(saved.read_text()) == report
-    assert {"eval/attr_acc", "eval/attr_acc_real", "eval/clip_score", "eval/attr_acc/Smiling",
+    assert {"eval/attr_acc", "eval/attr_acc_real", "eval/clip_cosine", "eval/attr_acc/Smiling",
             "eval/held_out/Brown_Hair+Mustache/binding", "eval/held_out/Wearing_Hat+Eyeglasses/both_real"} <= set(
         _tb_scalars(diffusion_run))
 
-    again = ev.evaluate(diffusion_run, shards_dir, ev.METRICS, num=3, steps=2, classifier=classifier_run,
-                        attributes="visible", progress=False, held_out=HELD_OUT, held_out_num=2)
-    assert again == report  # a seed gives the same report
+    spec = metrics.EvalSpec(metrics.named(), num=3, steps=2, classifier=str(classifier_run),
+                            attributes=metrics.parse_attributes("visible"), held_out=metrics.parse_held_out(HELD_OUT),
+                            held_out_num=2)
+    again = ev.evaluate(diffusion_run, spec, shards_dir, progress=False)
+    assert again.to_dict() == report  # a seed gives the same report
 
 
 @pytest.mark.slow
@@ -158,3 +160,32 @@ def test_two_ranks_report_the_fid_and_kid_of_one_rank(diffusion_run, shards_copy
     np.testing.assert_array_equal(by_two.features, by_one.features)
     assert two["fid"]["value"] == pytest.approx(one["fid"]["value"], rel=1e-7)
     assert two["fid"]["kid"] == pytest.approx(one["fid"]["kid"], rel=1e-7, abs=1e-12)
+
+
+def test_spec_problems_are_worded_as_flags_by_the_cli_and_as_keys_by_training(diffusion_run, classifier_run,
+                                                                              shards_dir, capsys):
+    """One EvalSpec, one set of checks: the CLI names a setting by its flag, training by its `eval.` key."""
+    from ddpdiff import config, data
+
+    from conftest import CONFIGS
+
+    assert ev.main(["--checkpoint", str(diffusion_run), "--metrics", "psnr"]) == 2
+    assert capsys.readouterr().err.strip() == ("ddpdiff.eval: error: --metrics: unknown or no metrics ['psnr'] "
+                                               "(known: attr_acc, clip_cosine, fid, diversity)")
+    assert ev.main(["--checkpoint", str(diffusion_run), "--data", str(shards_dir), "--classifier", str(classifier_run),
+                    "--metrics", "attr_acc", "--held-out", HELD_OUT, "--held-out-num", "0", "--steps", "2"]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "ddpdiff.eval: error: --held-out-num 0: expected at least 1 sample per pair")
+    assert ev.main(["--checkpoint", str(diffusion_run), "--data", str(shards_dir), "--metrics", "diversity",
+                    "--diversity-samples", "1", "--steps", "2"]) == 2
+    assert "error: --diversity-prompts 8 and --diversity-samples 1: expected at least" in capsys.readouterr().err
+
+    cfg = config.load(CONFIGS / "smoke.yaml", ["--data.shards", str(shards_dir), "--eval.every_steps", "2",
+                                               "--eval.metrics", "[psnr]", "--eval.num", "1"])
+    found = train.eval_problems(cfg, 2, data.load_manifest(shards_dir))
+    assert "eval.metrics: unknown or no metrics ['psnr'] (known: attr_acc, clip_cosine, fid, diversity)" in found
+    assert "eval.num 1 is less than the world size 2 (every rank makes samples)" in found
+    assert not any("--" in p for p in found)
+    cfg.eval.metrics, cfg.eval.num = ["attr_acc", "clip_score"], 2  # the former name still works
+    assert train.eval_problems(cfg, 2, data.load_manifest(shards_dir)) == []
+    assert train.eval_spec(cfg).metrics == ("attr_acc", "clip_score")

@@ -562,7 +562,7 @@ def _training_eval(run, classifier_run, num, env):
     """The in-training evaluation of a finished run's config with eval switched on, and its EMA pipeline."""
     state, meta, _ = checkpoint.read(run, DenoiserMeta)
     cfg = config.from_dict(state["config"])
-    cfg.eval = dataclasses.replace(cfg.eval, every_steps=2, num=num, steps=2, metrics=["attr_acc", "clip_score"],
+    cfg.eval = dataclasses.replace(cfg.eval, every_steps=2, num=num, steps=2, metrics=["attr_acc", "clip_cosine"],
                                    classifier=str(classifier_run))
     return train.TrainingEval(cfg, meta, env, batch_size=2), Pipeline.from_checkpoint(run, "cpu", encoder=False)
 
@@ -570,12 +570,12 @@ def _training_eval(run, classifier_run, num, env):
 def test_training_hook_evaluates_every_n_steps_on_one_process(diffusion_run, classifier_run):
     hook, pipe = _training_eval(diffusion_run, classifier_run, 3, dist.Env())
     recorder = Recorder()
-    report = hook(4, pipe, recorder)
-    assert report["attr_acc"]["num"] == 3 and report["clip_score"]["num"] == 3
-    assert set(recorder.console[0]) == {"eval/attr_acc", "eval/attr_acc_real", "eval/clip_score",
-                                        "eval/clip_score_real"}
+    report = hook(4, pipe, recorder).to_dict()
+    assert report["attr_acc"]["num"] == 3 and report["clip_cosine"]["num"] == 3
+    assert set(recorder.console[0]) == {"eval/attr_acc", "eval/attr_acc_real", "eval/clip_cosine",
+                                        "eval/clip_cosine_real"}
     assert {f"eval/attr_acc/{name}" for name in ATTRIBUTES} <= set(recorder.values)
-    assert recorder.values["eval/clip_score"] == report["clip_score"]["samples"]
+    assert recorder.values["eval/clip_cosine"] == report["clip_cosine"]["samples"]
 
 
 def _rank_worker(rank, world, store_env, run, classifier_run, out):
@@ -585,7 +585,7 @@ def _rank_worker(rank, world, store_env, run, classifier_run, out):
     env = dist.init(60)
     try:
         hook, pipe = _training_eval(run, classifier_run, 3, env)
-        report = hook(2, pipe, Recorder())
+        report = hook(2, pipe, Recorder()).to_dict()
         (out / f"rank{rank}.json").write_text(json.dumps(report))
     finally:
         dist.cleanup()
@@ -597,11 +597,11 @@ def test_two_ranks_split_the_samples_and_gather_the_same_report(diffusion_run, c
         mp.spawn(_rank_worker, args=(2, store_env, diffusion_run, classifier_run, tmp_path), nprocs=2)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
     assert r0 == r1  # every rank holds the gathered result
-    assert r0["attr_acc"]["num"] == r0["clip_score"]["num"] == 3  # 2 samples on rank 0, 1 on rank 1
+    assert r0["attr_acc"]["num"] == r0["clip_cosine"]["num"] == 3  # 2 samples on rank 0, 1 on rank 1
     hook, pipe = _training_eval(diffusion_run, classifier_run, 3, dist.Env())
-    single = hook(2, pipe, Recorder())
+    single = hook(2, pipe, Recorder()).to_dict()
     assert r0["attr_acc"]["real_mean"] == pytest.approx(single["attr_acc"]["real_mean"], abs=1e-12)
-    assert r0["clip_score"]["real"] == pytest.approx(single["clip_score"]["real"], abs=1e-6)
+    assert r0["clip_cosine"]["real"] == pytest.approx(single["clip_cosine"]["real"], abs=1e-6)
 
 
 

@@ -38,8 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ddpdiff import config, dist, models  # noqa: E402
 from ddpdiff.diffusion import Diffusion  # noqa: E402
 from ddpdiff.errors import UsageError, cli  # noqa: E402
+from ddpdiff.eval import flag  # noqa: E402
 from ddpdiff.images import as_saved  # noqa: E402
-from ddpdiff.metrics import Evaluator  # noqa: E402
+from ddpdiff.metrics import EvalError, EvalSpec, Evaluator, parse_attributes  # noqa: E402
 from ddpdiff.models import DenoiserMeta, SRMeta  # noqa: E402
 from ddpdiff.pipeline import Pipeline, upsample  # noqa: E402
 from ddpdiff.sampling import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, guidance_interval, image_seed  # noqa: E402
@@ -139,11 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.checkpoint:
         pipe = Pipeline.from_checkpoint(args.checkpoint, device, encoder=False)
         params = models.count_params(pipe.model)
-        metrics = ["attr_acc"] * bool(args.classifier) + ["diversity"] * args.diversity
-        evaluator = Evaluator(args.data or pipe.shards, pipe.meta, metrics, n, classifier=args.classifier,
-                              attributes=args.attributes, device=pipe.device, batch_size=args.batch,
-                              diversity_prompts=args.diversity_prompts, diversity_samples=args.diversity_samples,
-                              log=lambda msg: print(f"bench_sample: {msg}", file=sys.stderr))
+        evaluator = scoring(args, pipe)
         seeds = [image_seed(0, i) for i in evaluator.samples["index"]]  # as ddpdiff.eval --seed 0
         cond = pipe.condition(evaluator.samples)
     else:
@@ -210,17 +207,25 @@ LABELS = (("attr_acc", "attribute accuracy"), ("diversity_ratio", "diversity rat
           ("ode_error", "distance from the reference (levels)"))
 
 
-def scores(evaluator: Evaluator, images: torch.Tensor, generate) -> dict:
+def scoring(args: argparse.Namespace, pipe: Pipeline) -> Evaluator:
+    """`ddpdiff.eval`'s evaluation of the checkpoint's samples: attr_acc with --classifier, diversity with
+    --diversity; its errors name this command's flags."""
+    try:
+        spec = EvalSpec(metrics=("attr_acc",) * bool(args.classifier) + ("diversity",) * args.diversity,
+                        num=args.num, classifier=args.classifier, attributes=parse_attributes(args.attributes),
+                        batch_size=args.batch, diversity_prompts=args.diversity_prompts,
+                        diversity_samples=args.diversity_samples)
+        return Evaluator(args.data or pipe.shards, pipe.meta, spec, device=pipe.device,
+                         log=lambda msg: print(f"bench_sample: {msg}", file=sys.stderr))
+    except EvalError as e:
+        raise UsageError(e.worded(lambda setting: "--batch" if setting == "batch_size" else flag(setting))) from None
+
+
+def scores(evaluator: Evaluator, images: torch.Tensor, generate) -> dict[str, float]:
     """Attribute accuracy of the timed `images` and the diversity ratio of the samples `generate` makes for
-    diversity's prompts: `ddpdiff.eval`'s figures for the same seeds."""
+    diversity's prompts: `ddpdiff.eval`'s figures for the same seeds, under its scalars' names."""
     report = evaluator.run(lambda batch: images if batch is evaluator.samples else generate(batch))
-    out = {}
-    if "attr_acc" in report:
-        out.update(attr_acc=report["attr_acc"]["mean"], attr_acc_real=report["attr_acc"]["real_mean"])
-    if "diversity" in report:
-        d = report["diversity"]
-        out.update(diversity=d["samples"], diversity_real=d["real"], diversity_ratio=d["ratio"])
-    return out
+    return {name.removeprefix("eval/"): value for name, value in report.scalars()[0].items()}
 
 
 def interval_text(run: dict) -> str:
