@@ -316,19 +316,23 @@ if "ddpdiff.train" in sys.orig_argv and "RANK" in os.environ:  # a rank, not tor
     rank, phase = os.environ["RANK"], os.environ["SIGNAL_PHASE"]
     launch, init, backward = loop.launch, dist.init, loop.backward
 
+    def say(line):  # one write, so that the ranks' lines do not interleave
+        sys.stdout.write(line + "\\n")
+        sys.stdout.flush()
+
     def reporting_launch(make_task, *args, **kwargs):
         def slow_task(cfg, env):
             if phase == "task":
-                print(f"rank {rank} builds the task", flush=True)
+                say(f"rank {rank} builds the task")
                 time.sleep(5)
             return make_task(cfg, env)
         code = launch(slow_task, *args, **kwargs)
-        print(f"rank {rank} returns {code}", flush=True)
+        say(f"rank {rank} returns {code}")
         return code
 
     def late_init(*args, **kwargs):
         if phase == "dist.init":
-            print(f"rank {rank} in dist.init", flush=True)
+            say(f"rank {rank} in dist.init")
             time.sleep(5 if rank == "1" else 0)
         return init(*args, **kwargs)
 
@@ -336,7 +340,7 @@ if "ddpdiff.train" in sys.orig_argv and "RANK" in os.environ:  # a rank, not tor
         if phase == "steps":
             time.sleep(float(os.environ["STEP_S"]))
             if rank == "0":
-                print(f"slow step {tr.step + 1}", flush=True)
+                say(f"slow step {tr.step + 1}")
         return backward(tr, *args, **kwargs)
 
     loop.launch, dist.init, loop.backward = reporting_launch, late_init, slow_backward
