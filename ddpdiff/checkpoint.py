@@ -97,16 +97,25 @@ class Writer:
         self._thread: threading.Thread | None = None
         self._error: CheckpointError | None = None
 
-    def start(self, run_dir: str | Path, step: int, state: dict[str, Any], keep: int) -> None:
-        """Write the checkpoint of `step` (`save`), after waiting for the previous write (raising its error)."""
-        self.wait()
+    def start(self, run_dir: str | Path, step: int, state: dict[str, Any], keep: int,
+              wait_s: float | None = None) -> bool:
+        """Write the checkpoint of `step` (`save`), after waiting for the previous write (raising its error).
+
+        With `wait_s`, a previous write still in flight after that many seconds is abandoned and nothing is
+        written (False): the checkpoint before it stays the newest complete one, since the abandoned write ends
+        with the process (a daemon thread) and the next start removes its temporary file.
+        """
+        if not self.wait(wait_s):
+            self._thread = None
+            return False
         if self.background:
             self._thread = threading.Thread(target=self._write, args=(run_dir, step, snapshot(state), keep),
-                                            name="checkpoint-writer")
+                                            name="checkpoint-writer", daemon=True)
             self._thread.start()
         else:
             self._write(run_dir, step, state, keep)
             self.wait()
+        return True
 
     def _write(self, run_dir: str | Path, step: int, state: dict[str, Any], keep: int) -> None:
         try:
@@ -116,14 +125,18 @@ class Writer:
                                           f"({type(e).__name__}: {' '.join(str(e).split())})")
             self._error.__cause__ = e
 
-    def wait(self) -> None:
-        """Block until the write in flight (if any) is complete; raise its error, once."""
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the write in flight (if any) is complete and raise its error, once; False instead when it
+        is still in flight after `timeout` seconds."""
         if self._thread is not None:
-            self._thread.join()
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                return False
             self._thread = None
         error, self._error = self._error, None
         if error is not None:
             raise error
+        return True
 
     def __enter__(self) -> Self:
         return self

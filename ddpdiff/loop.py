@@ -69,10 +69,12 @@ def launch(make_task: Callable[[Any, dist.Env], Task], root: type[TrainerConfig]
     reports it and stops the other ranks instead of leaving them waiting.
     """
     cfg, _ = config.parse_args(description, argv, prog=prog, root=root)
+    stop = StopRequest()  # before dist.init and the task: a signal while they run still ends the run with 75
     try:
         with kernels(cfg.train.deterministic):
-            return cli(prog)(lambda: run(make_task(cfg, dist.init(cfg.dist.timeout_s, cfg.dist.device))))()
+            return cli(prog)(lambda: run(make_task(cfg, dist.init(cfg.dist.timeout_s, cfg.dist.device)), stop))()
     finally:
+        stop.restore()
         dist.cleanup()
 
 
@@ -410,25 +412,30 @@ def validate(task: Task) -> None:
         raise ConfigError("invalid run: " + "; ".join(problems))
 
 
-def save(tr: TrainState, task: Task, writer: checkpoint.Writer) -> None:
+def save(tr: TrainState, task: Task, writer: checkpoint.Writer, wait_s: float | None = None) -> bool:
     """Rank 0 hands the checkpoint of the current step (with the config and the model's metadata) to `writer`,
-    once the previous write is complete; the loop goes on while it is written (`checkpoint.async_write`)."""
-    on_main(lambda: writer.start(task.cfg.run.dir, tr.step, {**tr.state_dict(), "config": config.to_dict(task.cfg),
-                                                             "meta": task.metadata().to_dict()},
-                                 task.cfg.checkpoint.keep))
+    once the previous write is complete; the loop goes on while it is written (`checkpoint.async_write`).
+    With `wait_s`, rank 0 abandons a previous write still in flight after that long and saves nothing (False on
+    rank 0: `checkpoint.Writer.start`)."""
+    return on_main(lambda: writer.start(task.cfg.run.dir, tr.step,
+                                        {**tr.state_dict(), "config": config.to_dict(task.cfg),
+                                         "meta": task.metadata().to_dict()},
+                                        task.cfg.checkpoint.keep, wait_s)) is not False
 
 
-def on_main(action: Callable[[], None]) -> None:
-    """Run a checkpoint writer's `action` on rank 0; if a write failed, every rank raises (rank 0 the one-line
-    error naming the file), so none is left waiting. All ranks leave together."""
-    error = None
+def on_main(action: Callable[[], Any]) -> Any:
+    """Run a checkpoint writer's `action` on rank 0 and return its result there (None elsewhere); if a write
+    failed, every rank raises (rank 0 the one-line error naming the file), so none is left waiting. All ranks
+    leave together."""
+    error, result = None, None
     if dist.is_main():
         try:
-            action()
+            result = action()
         except checkpoint.CheckpointError as e:
             error = e
     if dist.any_rank(error is not None):
         raise error or checkpoint.CheckpointError("rank 0 could not write a checkpoint (see its error)")
+    return result
 
 
 # Settings that decide the data order or the network: a resume with other values would silently diverge. The
@@ -565,15 +572,11 @@ class Logger:
         self.tick, self.tick_step = time.perf_counter(), tr.step
 
 
-def run(task: Task) -> int:
-    """Train to `train.max_steps` (or `train.epochs`): 0 when done, EX_TEMPFAIL (75) when a signal stopped it
-    after saving, so launchers can tell a run to start again from a finished one."""
-    stop = StopRequest()  # before any work: a signal during indexing, building or resuming still ends cleanly
-    try:
-        with contextlib.ExitStack() as hold:
-            return _run(task, stop, hold)
-    finally:
-        stop.restore()
+def run(task: Task, stop: StopRequest) -> int:
+    """Train to `train.max_steps` (or `train.epochs`): 0 when done, EX_TEMPFAIL (75) when a signal (`stop`,
+    installed before any work) stopped it, so launchers can tell a run to start again from a finished one."""
+    with contextlib.ExitStack() as hold:
+        return _run(task, stop, hold)
 
 
 def _run(task: Task, stop: StopRequest, hold: contextlib.ExitStack) -> int:
@@ -614,6 +617,11 @@ def _run(task: Task, stop: StopRequest, hold: contextlib.ExitStack) -> int:
 
 
 STOP_CHECK_STEPS = 10  # a signal is acted on within this many steps (or at the next log step, if sooner)
+# The stop's save waits at most this long for a write in flight, so that the steps to the next check, the wait
+# and the stop's own write fit the grace a launcher gives after its signal (torchrun and SLURM's KillWait: 30 s
+# by default; docs/benchmarks.md has the times). If that write is still going, the stop saves nothing and the
+# checkpoint before it stays the newest complete one.
+STOP_WAIT_S = 10
 
 
 def sync_due(task: Task, step: int, total_steps: int) -> bool:
@@ -631,7 +639,7 @@ def _loop(task: Task, tr: TrainState, loader: Any, total_steps: int, monitor: Mo
     cfg, env, t = task.cfg, task.env, task.cfg.train
     last_saved = tr.step if resumed else -1
     logger = Logger(monitor, env.device, tr.step, total_steps)
-    stopping = False
+    stopping, saved = False, True
     batches_left = batches(loader, tr.epoch, tr.batch) if tr.step < total_steps else iter(())
     for epoch, index, batch in batches_left:
         for g in tr.optimizer.param_groups:
@@ -656,7 +664,7 @@ def _loop(task: Task, tr: TrainState, loader: Any, total_steps: int, monitor: Mo
         if task.eval_due(tr.step):
             task.evaluate(tr.step, tr.ema.model, monitor)
         if due(tr.step, cfg.checkpoint.every_steps) or tr.step == total_steps or stopping:
-            save(tr, task, writer)
+            saved = save(tr, task, writer, STOP_WAIT_S if stopping and tr.step < total_steps else None)
             last_saved = tr.step
         if stopping or tr.step >= total_steps:
             break
@@ -666,8 +674,10 @@ def _loop(task: Task, tr: TrainState, loader: Any, total_steps: int, monitor: Mo
         save(tr, task, writer)
     on_main(writer.wait)
     if stopping and tr.step < total_steps:
-        dist.print0(f"stopped by signal {stop.signal or '(on another rank)'} at step {tr.step}; checkpoint saved, "
-                    "the same command resumes")
+        dist.print0(f"stopped by signal {stop.signal or '(on another rank)'} at step {tr.step}; " + (
+            "checkpoint saved, the same command resumes" if saved else
+            f"not saved: the previous checkpoint's write was still in flight after {STOP_WAIT_S} s (STOP_WAIT_S) "
+            "and was abandoned; the same command resumes from the newest complete checkpoint"))
         return EX_TEMPFAIL
     dist.print0(f"done: {tr.step} steps, checkpoints in {Path(cfg.run.dir) / 'checkpoints'}, TensorBoard logs in "
                 f"{Path(cfg.run.dir) / 'tb'}")

@@ -78,7 +78,8 @@ start_step=$(newest_step)
 restarts=${SLURM_RESTART_COUNT:-0}
 max_restarts=${DDPDIFF_MAX_RESTARTS:-100}
 # torchrun SIGKILLs workers still running this long after it forwards a SIGTERM; its default (30 s) can cut off
-# rank 0 in the middle of the save that USR1 asked for, so allow the whole lead time of --signal above.
+# rank 0 in the middle of the save that USR1 asked for, so allow the whole lead time of --signal above. torchrun
+# reads the variable from torch 2.12 on, the floor in pyproject.toml; older ones keep 30 s whatever it says.
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-300}
 
 echo "train.sh: job $SLURM_JOB_ID on $SLURM_JOB_NODELIST ($SLURM_NNODES nodes x $gpus GPUs)," \

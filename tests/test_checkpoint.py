@@ -223,6 +223,20 @@ def test_while_a_write_is_in_flight_the_previous_checkpoint_is_the_newest_and_pr
     assert checkpoint.load_latest(tmp_path)[0]["step"] == 2
 
 
+def test_a_save_with_a_deadline_abandons_a_write_still_in_flight_and_writes_nothing(tmp_path, monkeypatch):
+    """The stop's save (`loop.STOP_WAIT_S`): the previous complete checkpoint stays the newest."""
+    checkpoint.save(tmp_path, 1, _state(1), keep=1)
+    release = _hold_writes(monkeypatch, before_serialising=False)
+    writer = checkpoint.Writer()
+    writer.start(tmp_path, 2, _state(2), keep=1)
+    began = time.monotonic()
+    assert writer.start(tmp_path, 3, _state(3), keep=1, wait_s=0.5) is False
+    assert 0.5 <= time.monotonic() - began < 5
+    assert writer.wait() and checkpoint.candidates(tmp_path) == [checkpoint.path_for(tmp_path, 1)]
+    assert [t.daemon for t in threading.enumerate() if t.name == "checkpoint-writer"] == [True]  # ends with us
+    release.set()
+
+
 def test_a_failed_background_write_is_raised_by_the_next_save_once(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")  # no run directory can be made under a file

@@ -4,6 +4,8 @@ import dataclasses
 import errno
 import json
 import os
+import random
+import re
 import signal
 import sys
 import time
@@ -29,8 +31,8 @@ def _args(shards, run_dir, *extra):
     return ["--config", SMOKE, "--data.shards", str(shards), "--run.dir", str(run_dir), *map(str, extra)]
 
 
-def _torchrun(procs, nproc, args, launcher=()):
-    return procs.torchrun(nproc, ["ddpdiff.train", *args], launcher=launcher)
+def _torchrun(procs, nproc, args, launcher=(), **kw):
+    return procs.torchrun(nproc, ["ddpdiff.train", *args], launcher=launcher, **kw)
 
 
 def _ranks(proc):
@@ -308,6 +310,85 @@ def test_torchrun_max_restarts_restarts_a_killed_rank_and_resumes_bitwise_identi
     _assert_same_end_state(reference, run)
 
 
+# Imported by every process of a test's job when its directory is on PYTHONPATH (SIGNAL_PHASE picks the delay).
+# steps: each step sleeps STEP_S first, slower than the loader workers fill their prefetch, and rank 0 names it;
+# dist.init: rank 1 comes late, so rank 0 waits in the rendezvous; task: the task is built slowly. Each rank
+# prints the status its `main` returns (torchrun does not report it after forwarding a signal).
+SIGNAL_HOOK = """\
+import os, sys, time
+if "ddpdiff.train" in sys.orig_argv and "RANK" in os.environ:  # a rank, not torchrun's agent
+    from ddpdiff import dist, loop
+    rank, phase = os.environ["RANK"], os.environ["SIGNAL_PHASE"]
+    launch, init, backward = loop.launch, dist.init, loop.backward
+
+    def say(line):  # one write, so that the ranks' lines do not interleave
+        sys.stdout.write(line + "\\n")
+        sys.stdout.flush()
+
+    def reporting_launch(make_task, *args, **kwargs):
+        def slow_task(cfg, env):
+            if phase == "task":
+                say(f"rank {rank} builds the task")
+                time.sleep(5)
+            return make_task(cfg, env)
+        code = launch(slow_task, *args, **kwargs)
+        say(f"rank {rank} returns {code}")
+        return code
+
+    def late_init(*args, **kwargs):
+        if phase == "dist.init":
+            say(f"rank {rank} in dist.init")
+            time.sleep(5 if rank == "1" else 0)
+        return init(*args, **kwargs)
+
+    def slow_backward(tr, *args, **kwargs):
+        if phase == "steps":
+            time.sleep(float(os.environ["STEP_S"]))
+            if rank == "0":
+                say(f"slow step {tr.step + 1}")
+        return backward(tr, *args, **kwargs)
+
+    loop.launch, dist.init, loop.backward = reporting_launch, late_init, slow_backward
+"""
+
+
+def _hooked(tmp_path, phase, **env):
+    """The environment of a job whose processes import SIGNAL_HOOK, without a grace period of the caller's."""
+    hook = tmp_path / "hook"
+    hook.mkdir(exist_ok=True)
+    (hook / "sitecustomize.py").write_text(SIGNAL_HOOK)
+    path = os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))
+    return {**{k: v for k, v in os.environ.items() if k != "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"}, "PYTHONPATH": path,
+            "SIGNAL_PHASE": phase, **env}
+
+
+def _signal_the_job(proc, sig=signal.SIGTERM):
+    """`sig` to every process of the job, as SLURM sends it: torchrun's agent, the ranks, and the loader's
+    forkserver and workers (their command lines name the forkserver). Returns the command lines signalled."""
+    signalled = []
+    for pid in proc.pids():
+        try:
+            signalled.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode())
+            os.kill(pid, sig)
+        except (OSError, ProcessLookupError):
+            continue
+    return signalled
+
+
+def _assert_stopped_cleanly(proc, out):
+    """Both ranks returned 75 (torchrun itself exits 1 on the signal it forwarded), none raised, no loader
+    worker failed and torchrun did not have to kill anyone."""
+    assert proc.returncode == 1, out
+    assert "rank 0 returns 75" in out and "rank 1 returns 75" in out, out
+    assert not re.search(r'File ".*/ddpdiff/', out), out  # no traceback through ddpdiff on any rank
+    for text in ("exited unexpectedly", "DataError", "timeout_s", "SIGKILL"):
+        assert text not in out, (text, out)
+
+
+SIGNALLED_RUN = ("--data.workers", 2, "--train.max_steps", 24, "--checkpoint.every_steps", 1000,
+                 "--log.every_steps", 50)  # LogConfig's default: only the stop checks sync between steps
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_run_fresh_under_torchrun_max_restarts_applies_once_and_the_restart_resumes(shards_dir, tmp_path, procs):
@@ -343,21 +424,51 @@ def test_a_run_directory_whose_filesystem_refuses_flock_trains_and_says_so_once(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("workers", [0, 2])
-def test_sigterm_makes_every_rank_checkpoint_and_the_same_command_resumes(shards_dir, tmp_path, workers, procs):
-    """The signal goes to the whole process group, as SLURM's does: loader workers too, which must leave the
-    decision to their rank instead of dying and failing it."""
-    args = _args(shards_dir, tmp_path / "run", "--data.workers", workers, "--train.max_steps", 100000,
-                 "--checkpoint.every_steps", 100000, "--log.every_steps", 1)
-    proc = _torchrun(procs, 2, args)
-    proc.read_until("^step 3 ", timeout=240)
-    os.killpg(proc.pid, signal.SIGTERM)
+@pytest.mark.timeout(900)
+def test_sigterm_to_every_process_of_the_job_checkpoints_once_and_the_same_command_resumes_bitwise(
+        shards_dir, tmp_path, procs):
+    """SLURM signals every process of a job: torchrun, both ranks, and each rank's loader forkserver and two
+    workers. Steps are slower than the workers' prefetch (4 batches), and the signal lands at a random moment
+    after step k, 6 to 9 steps before the stop check at step 20: the ranks need batches the prefetch does not
+    hold, so the workers must outlive the signal. One checkpoint, at step 20, exit 75, and the same command
+    resumes to the bits of an uninterrupted run."""
+    reference = tmp_path / "reference"
+    proc = _torchrun(procs, 2, _args(shards_dir, reference, *SIGNALLED_RUN))
+    assert proc.wait(timeout=300) and proc.returncode == 0, proc.output
+
+    run, env = tmp_path / "run", _hooked(tmp_path, "steps", STEP_S="0.3")
+    proc = _torchrun(procs, 2, _args(shards_dir, run, *SIGNALLED_RUN), env=env)
+    k = random.randint(11, 14)
+    proc.read_until(f"^slow step {k}$", timeout=300)
+    time.sleep(random.uniform(0, 0.3))
+    signalled = _signal_the_job(proc)
+    assert sum("forkserver" in cmd for cmd in signalled) == 2 + 2 * 2, signalled  # 2 forkservers, 4 workers
     out = proc.wait(timeout=120)
-    assert "stopped by signal SIGTERM" in out and "exited unexpectedly" not in out, out
-    saved = _final(tmp_path / "run")["step"]
-    assert 3 <= saved < 100000
-    code = train.main(args[:-6] + ["--train.max_steps", str(saved + 2)])
-    assert code == 0 and _final(tmp_path / "run")["step"] == saved + 2
+    _assert_stopped_cleanly(proc, out)
+    assert out.count("stopped by signal SIGTERM at step 20; checkpoint saved") == 1, out
+    assert checkpoint.candidates(run) == [checkpoint.path_for(run, 20)]
+
+    proc = _torchrun(procs, 2, _args(shards_dir, run, *SIGNALLED_RUN), env=env)
+    out = proc.wait(timeout=300)
+    assert proc.returncode == 0 and f"resumed from {checkpoint.path_for(run, 20)} " in out, out
+    _assert_same_end_state(reference, run)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("phase", ["dist.init", "task"])
+def test_sigterm_to_the_job_during_dist_init_or_while_the_task_is_built_exits_75(shards_dir, tmp_path, procs,
+                                                                                  phase):
+    """dist.init: rank 0 waits in the rendezvous for rank 1, which comes 5 s late; task: both ranks build it."""
+    run = tmp_path / "run"
+    proc = _torchrun(procs, 2, _args(shards_dir, run, "--data.workers", 2), env=_hooked(tmp_path, phase))
+    for _ in range(2):  # both ranks, in either order
+        proc.read_until("^rank [01] " + ("in dist.init" if phase == "dist.init" else "builds the task"), timeout=300)
+    _signal_the_job(proc)
+    out = proc.wait(timeout=120)
+    _assert_stopped_cleanly(proc, out)
+    assert "stopped by signal SIGTERM before step 1; nothing new to save" in out, out
+    assert checkpoint.candidates(run) == []
 
 
 def test_data_verify_and_max_bad_reach_the_training_loader(damaged, tmp_path, capsys):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from multiprocessing import forkserver, resource_tracker
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -33,13 +34,23 @@ MAX_BAD = 10  # unusable samples a loader replaces before it stops
 SHOWN = 20  # unusable samples an error lists by name
 # Workers start from a clean server process, not a fork of a rank that may hold CUDA or NCCL state.
 WORKER_START = "forkserver"
+# What a scheduler sends every process of a job (SLURM: the whole step); the rank decides what to do about it.
+JOB_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
-def _leave_signals_to_main(worker_id: int) -> None:
-    """Workers ignore SIGTERM, SIGUSR1 and SIGINT: a scheduler signals every process of a job, and the rank
-    decides (it checkpoints, then shuts its workers down); a worker that died of it would only fail the rank."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-        signal.signal(sig, signal.SIG_IGN)
+def _start_worker_server() -> None:
+    """Start the forkserver (and multiprocessing's resource tracker) with JOB_SIGNALS blocked: they keep that
+    mask, and so does every worker the forkserver forks, so a signal to the whole job leaves them to the rank,
+    which checkpoints and then shuts them down. A forkserver killed by it would take its workers with it, and
+    the rank would wait for batches that never come. Blocked rather than ignored, so that the rank holds a
+    signal that arrives meanwhile instead of losing it."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, JOB_SIGNALS)
+    try:
+        resource_tracker.ensure_running()  # starting the tracker unblocks SIGINT and SIGTERM again
+        signal.pthread_sigmask(signal.SIG_BLOCK, JOB_SIGNALS)
+        forkserver.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def share(global_batch: int, world_size: int, rank: int) -> tuple[int, int]:
@@ -153,10 +164,11 @@ class Loader:
             return self._counted(map(_pinned, batches) if self._pin_memory else batches)
         self._positions.epoch, self._positions.start, self._positions.stop = epoch, start, self.batches_per_epoch
         if self._loader is None:
+            _start_worker_server()
             self._loader = DataLoader(self._batches, batch_size=None, sampler=self._positions,
                                       num_workers=self._workers, persistent_workers=True,
-                                      pin_memory=self._pin_memory, worker_init_fn=_leave_signals_to_main,
-                                      multiprocessing_context=WORKER_START, timeout=self._timeout_s)
+                                      pin_memory=self._pin_memory, multiprocessing_context=WORKER_START,
+                                      timeout=self._timeout_s)
         return self._counted(self._timed(iter(self._loader)))
 
     def _timed(self, batches: Iterator[dict]) -> Iterator[dict]:
