@@ -220,6 +220,17 @@ def test_sigkill_at_any_point_then_resume_is_bitwise_identical(shards_dir, tmp_p
     _assert_same_end_state(reference, run)
 
 
+def _with_hook(tmp_path, source, **variables):
+    """The environment of processes that import `source` as their sitecustomize, with `variables` set, and
+    without a grace period of the caller's (TORCH_ELASTIC_SHUTDOWN_TIMEOUT): no test may depend on one."""
+    hook = tmp_path / "hook"
+    hook.mkdir(exist_ok=True)
+    (hook / "sitecustomize.py").write_text(source)
+    path = os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"}
+    return {**env, "PYTHONPATH": path, **variables}
+
+
 # Imported by the training process when its directory is on PYTHONPATH: the write of checkpoint 8 stops once
 # its temporary file is complete, before the rename, and never goes on (a slow file system, then a kill).
 HELD_WRITE_HOOK = """\
@@ -248,11 +259,7 @@ def test_sigkill_during_a_background_checkpoint_write_resumes_from_the_previous_
     reference = tmp_path / "reference"
     assert train.main(_args(shards_dir, reference, *steps)) == 0
 
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(HELD_WRITE_HOOK)
-    run = tmp_path / "killed"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))}
+    run, env = tmp_path / "killed", _with_hook(tmp_path, HELD_WRITE_HOOK)
     proc = _single(procs, _args(shards_dir, run, *steps), env=env)
     proc.read_until(r"^holding .*/\.step_00000008\.pt\.\d+\.tmp in checkpoint-writer$", timeout=240)
     proc.read_until("^step 12 ", timeout=240)  # the loop went on while the write was in flight
@@ -353,13 +360,8 @@ if "ddpdiff.train" in sys.orig_argv and "RANK" in os.environ:  # a rank, not tor
 
 
 def _hooked(tmp_path, phase, **env):
-    """The environment of a job whose processes import SIGNAL_HOOK, without a grace period of the caller's."""
-    hook = tmp_path / "hook"
-    hook.mkdir(exist_ok=True)
-    (hook / "sitecustomize.py").write_text(SIGNAL_HOOK)
-    path = os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))
-    return {**{k: v for k, v in os.environ.items() if k != "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"}, "PYTHONPATH": path,
-            "SIGNAL_PHASE": phase, **env}
+    """The environment of a job whose processes import SIGNAL_HOOK."""
+    return _with_hook(tmp_path, SIGNAL_HOOK, SIGNAL_PHASE=phase, **env)
 
 
 def _signal_the_job(proc, sig=signal.SIGTERM):
@@ -578,11 +580,7 @@ if "ddpdiff.train" in sys.orig_argv and "torch.distributed.run" not in sys.orig_
 
 def _hooked_env(tmp_path, **variables):
     """The environment of a run whose ranks import BACKWARD_HOOK, with its DDPDIFF_TEST_* variables."""
-    hook = tmp_path / "hook"
-    hook.mkdir(exist_ok=True)
-    (hook / "sitecustomize.py").write_text(BACKWARD_HOOK)
-    path = os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))
-    return {**os.environ, "PYTHONPATH": path, **{f"DDPDIFF_TEST_{k}": str(v) for k, v in variables.items()}}
+    return _with_hook(tmp_path, BACKWARD_HOOK, **{f"DDPDIFF_TEST_{k}": str(v) for k, v in variables.items()})
 
 
 @pytest.mark.slow
