@@ -71,7 +71,7 @@ def test_single_process_run_writes_config_checkpoints_and_tensorboard(shards_dir
     assert names == ["step_00000006.pt", "step_00000003.pt"]  # every 3 steps, keep 2
     state = torch.load(run / "checkpoints" / names[0], weights_only=True)
     assert state.keys() == {"model", "ema", "optimizer", "step", "epoch", "config", "batch", "scaler",
-                            "samples_seen", "meta"}
+                            "samples_seen", "shards_sha256", "meta"}
     assert state["config"]["train"]["max_steps"] == 6 and "sr" not in state["config"]
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -505,12 +505,11 @@ def test_corrupt_newest_checkpoint_is_reported_and_the_previous_used(shards_dir,
 
 @pytest.mark.slow
 def test_a_rank_that_raises_takes_the_job_down(shards_dir, tmp_path, procs):
-    blocker = tmp_path / "not_a_dir"
-    blocker.write_text("")
-    proc = _torchrun(procs, 2, _args(shards_dir, blocker / "run"))  # rank 0 cannot write its run directory
+    (tmp_path / "run" / "config.yaml").mkdir(parents=True)  # rank 0 alone writes it, and raises
+    proc = _torchrun(procs, 2, _args(shards_dir, tmp_path / "run"))
     out = proc.wait(timeout=300)
     assert proc.returncode != 0
-    assert "NotADirectoryError" in out or "FileExistsError" in out, out
+    assert "IsADirectoryError" in out and "ChildFailedError" in out, out
 
 
 def test_token_model_refuses_shards_without_token_states(celeba_root, tmp_path, capsys):
