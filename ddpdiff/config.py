@@ -25,11 +25,13 @@ class ConfigError(UsageError):
     """A bad config key or value; the message is one line that names the key."""
 
 
-def _f(default: Any, help: str) -> Any:
-    """A dataclass field with a help line (shown by `--help`); lists get a fresh copy per instance."""
+def _f(default: Any, help: str, fixed: bool = False) -> Any:
+    """A dataclass field with a help line (shown by `--help`); lists get a fresh copy per instance. `fixed`: the
+    setting decides the data order or the network, so a resume with another value is refused (`fixed_keys`)."""
+    metadata = {"help": help, "fixed": fixed}
     if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -52,32 +54,34 @@ class DiffusionDataConfig(DataConfig):
 
 @dataclass
 class ModelConfig:
-    name: Literal["unet", "unet_classic"] = _f("unet", "denoiser architecture (ddpdiff.models.MODELS)")
-    channels: int = _f(64, "base channel width")
-    channel_mult: list[int] = _f([1, 2, 2, 4], "width multiplier per resolution level")
-    num_res_blocks: int = _f(2, "residual blocks per level (unet)")
-    attn_resolutions: list[int] = _f([16], "feature-map sizes that get self-attention (unet)")
-    num_heads: int = _f(4, "attention heads")
+    name: Literal["unet", "unet_classic"] = _f("unet", "denoiser architecture (ddpdiff.models.MODELS)", fixed=True)
+    channels: int = _f(64, "base channel width", fixed=True)
+    channel_mult: list[int] = _f([1, 2, 2, 4], "width multiplier per resolution level", fixed=True)
+    num_res_blocks: int = _f(2, "residual blocks per level (unet)", fixed=True)
+    attn_resolutions: list[int] = _f([16], "feature-map sizes that get self-attention (unet)", fixed=True)
+    num_heads: int = _f(4, "attention heads", fixed=True)
     cond: Literal["pooled", "tokens", "both"] = _f(
-        "both", "condition on the pooled CLIP embedding, the per-token text states, or both (unet)")
-    cross_attn_resolutions: list[int] = _f([16, 8], "feature-map sizes with cross-attention over text tokens")
-    dropout: float = _f(0.0, "dropout inside residual blocks")
+        "both", "condition on the pooled CLIP embedding, the per-token text states, or both (unet)", fixed=True)
+    cross_attn_resolutions: list[int] = _f([16, 8], "feature-map sizes with cross-attention over text tokens",
+                                           fixed=True)
+    dropout: float = _f(0.0, "dropout inside residual blocks", fixed=True)
 
 
 @dataclass
 class DiffusionConfig:
-    timesteps: int = _f(100, "number of diffusion steps T")
-    schedule: Literal["cosine", "linear"] = _f("cosine", "noise schedule")
+    timesteps: int = _f(100, "number of diffusion steps T", fixed=True)
+    schedule: Literal["cosine", "linear"] = _f("cosine", "noise schedule", fixed=True)
     target: Literal["eps", "x0", "v", "prev"] = _f(
-        "eps", "what the network predicts: noise, clean image, velocity, or the previous (less noisy) image")
-    min_snr_gamma: float = _f(0.0, "min-SNR-gamma loss weighting; 0 disables it")
+        "eps", "what the network predicts: noise, clean image, velocity, or the previous (less noisy) image",
+        fixed=True)
+    min_snr_gamma: float = _f(0.0, "min-SNR-gamma loss weighting; 0 disables it", fixed=True)
 
 
 @dataclass
 class TrainConfig:
     epochs: int = _f(100, "passes over the training split (ignored when max_steps > 0)")
     max_steps: int = _f(0, "optimizer steps to run; 0 means run `epochs` epochs")
-    global_batch: int = _f(1250, "images per optimizer step, summed over all ranks")
+    global_batch: int = _f(1250, "images per optimizer step, summed over all ranks", fixed=True)
     micro_batch: int = _f(0, "images per rank per forward pass; 0 means global_batch / world_size")
     optimizer: Literal["adam", "adamw"] = _f("adam", "optimizer (fused kernels on GPU)")
     lr: float = _f(1e-3, "peak learning rate")
@@ -92,7 +96,7 @@ class TrainConfig:
     channels_last: bool = _f(False, "use channels_last memory format (faster convs on GPU)")
     compile: bool = _f(False, "torch.compile the model")
     max_nonfinite: int = _f(10, "stop after this many non-finite losses in a row")
-    seed: int = _f(0, "global seed; each rank derives its own")
+    seed: int = _f(0, "global seed; each rank derives its own", fixed=True)
     deterministic: bool = _f(False, "deterministic kernels (and CUBLAS_WORKSPACE_CONFIG), so that bitwise "
                                     "resume holds on GPUs too (same hardware); slower")
 
@@ -130,18 +134,18 @@ class SampleConfig:
 
 @dataclass
 class SRConfig:
-    scale: Literal[4, 8] = _f(8, "upsampling factor of the SRResNet (64 -> 512 at 8)")
-    channels: int = _f(64, "SRResNet feature width")
-    num_blocks: int = _f(16, "SRResNet residual blocks")
-    hr_patch: int = _f(128, "side of the random high-resolution training patches (a multiple of scale)")
+    scale: Literal[4, 8] = _f(8, "upsampling factor of the SRResNet (64 -> 512 at 8)", fixed=True)
+    channels: int = _f(64, "SRResNet feature width", fixed=True)
+    num_blocks: int = _f(16, "SRResNet residual blocks", fixed=True)
+    hr_patch: int = _f(128, "side of the random high-resolution training patches (a multiple of scale)", fixed=True)
     eval_every_steps: int = _f(1000, "score the EMA weights by PSNR every N steps; 0 disables it")
     eval_images: int = _f(64, "validation images for PSNR against bicubic upsampling")
 
 
 @dataclass
 class ClassifierConfig:
-    width: int = _f(32, "channels of the first stage of the attribute ResNet (doubled per stage)")
-    blocks: list[int] = _f([2, 2, 2, 2], "residual blocks per stage")
+    width: int = _f(32, "channels of the first stage of the attribute ResNet (doubled per stage)", fixed=True)
+    blocks: list[int] = _f([2, 2, 2, 2], "residual blocks per stage", fixed=True)
     eval_every_steps: int = _f(1000, "score the EMA weights on the whole val split every N steps; 0 disables it")
 
 
@@ -362,6 +366,12 @@ _FORMER_SECTIONS = ("model", "diffusion", "sample", "sr", "classifier", "eval")
 _MOVED_KEYS = ("condition", "cond_drop")
 
 
+def fixed_keys(cfg: TrainerConfig) -> set[str]:
+    """The "section.key" settings of `cfg`'s trainer marked `fixed` (the data order or the network)."""
+    return {f"{section.name}.{f.name}" for section in dataclasses.fields(cfg)
+            for f in dataclasses.fields(getattr(cfg, section.name)) if f.metadata.get("fixed")}
+
+
 def dump(cfg: TrainerConfig) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
@@ -386,7 +396,8 @@ def reference(root: type[TrainerConfig] = Config, own: bool = False) -> str:
                 if typing.get_origin(tp) is list:
                     tname = f"list[{typing.get_args(tp)[0].__name__}]"
             default = getattr(sub, f.name)
-            lines.append(f"  --{section.name}.{f.name} {tname} (default {default!r})\n"
+            fixed = "; fixed on resume" if f.metadata.get("fixed") else ""
+            lines.append(f"  --{section.name}.{f.name} {tname} (default {default!r}{fixed})\n"
                          f"      {f.metadata.get('help', '')}")
     return "\n".join(lines)
 

@@ -438,11 +438,6 @@ def on_main(action: Callable[[], Any]) -> Any:
     return result
 
 
-# Settings that decide the data order or the network: a resume with other values would silently diverge. The
-# shards are compared by content (`check_changes`), not by `data.shards`, their path. docs/reliability.md has
-# every setting that changes results, and why the others are accepted.
-FIXED_ON_RESUME = ("train.seed", "train.global_batch", "model.", "diffusion.", "sr.scale", "sr.channels",
-                   "sr.num_blocks", "sr.hr_patch", "classifier.width", "classifier.blocks")
 EX_TEMPFAIL = 75  # exit status of a run stopped by a signal after saving: not finished, run it again
 
 
@@ -459,13 +454,13 @@ def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def check_changes(state: dict[str, Any], tr: TrainState, cfg: TrainerConfig, step: int) -> None:
     """Refuse a resume from checkpoint `state` whose config changes what decides the data order or the network
-    (each such key named), or whose shards have other content (their manifest's sha256; a copy elsewhere is the
+    (each such key named: the fields marked `fixed`, `config.fixed_keys`), or whose shards have other content (their manifest's sha256; a copy elsewhere is the
     same shards); report any other change (learning rate, cadences, step budget, the shards' path…), which is
     allowed. A checkpoint from before shards were fingerprinted is compared by path: nothing proves the
     content the same."""
     before, now = _flat(state["config"]), _flat(config.to_dict(cfg))
     changed = [k for k in now if k in before and before[k] != now[k]]
-    fixed = [f"{k} {before[k]!r} -> {now[k]!r}" for k in changed if k.startswith(FIXED_ON_RESUME)]
+    fixed = [f"{k} {before[k]!r} -> {now[k]!r}" for k in changed if k in config.fixed_keys(cfg)]
     if state.get("shards_sha256", tr.shards) != tr.shards:
         fixed.append(f"data.shards: other content (manifest sha256 {state['shards_sha256'][:12]}… -> "
                      f"{tr.shards[:12]}…)")

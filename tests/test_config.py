@@ -103,3 +103,19 @@ def test_cli_exits_2_with_one_line_and_dry_run_prints_resolved_config(python, re
                         capture_output=True, text=True, cwd=repo)
     assert ok.returncode == 0, ok.stderr
     assert config.from_dict(__import__("yaml").safe_load(ok.stdout)).train.lr == 0.25
+
+
+def test_the_settings_a_resume_refuses_are_marked_on_their_own_fields():
+    import dataclasses
+
+    def section(cls, name):
+        return {f"{name}.{f.name}" for f in dataclasses.fields(cls)}
+
+    shared = {"train.seed", "train.global_batch"}
+    assert config.fixed_keys(config.Config()) == (shared | section(config.ModelConfig, "model")
+                                                  | section(config.DiffusionConfig, "diffusion"))
+    assert config.fixed_keys(config.SRTrainerConfig()) == shared | {"sr.scale", "sr.channels", "sr.num_blocks",
+                                                                     "sr.hr_patch"}
+    assert config.fixed_keys(config.ClassifierTrainerConfig()) == shared | {"classifier.width", "classifier.blocks"}
+    lines = config.reference().splitlines()
+    assert "  --train.seed int (default 0; fixed on resume)" in lines and "  --train.lr float (default 0.001)" in lines
