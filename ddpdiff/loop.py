@@ -333,6 +333,21 @@ def step_flags(losses: torch.Tensor, grad_norm: torch.Tensor, scaled: bool) -> t
     return flags.bool()
 
 
+def train_step(tr: TrainState, task: Task, batch: dict, stats: dict[str, list[torch.Tensor]],
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One optimizer step at the learning rate already set, on this rank's share of a global batch: gradients
+    (`backward`), the skip decision every rank shares (`step_flags`: a non-finite loss or gradient on any rank;
+    with fp16, infinite gradients are the GradScaler's routine overflow, skipped but not counted), the update and
+    the EMA. Nothing is read back from the device. The loop and tools/bench_train.py both take their steps here.
+
+    Returns the micro-batches' losses, the gradient norm and the step's [bad, overflow] flags.
+    """
+    losses, grad_norm = backward(tr, task, batch, stats)
+    flags = step_flags(losses, grad_norm, tr.scaler.is_enabled())
+    update(tr, flags.any())
+    return losses, grad_norm, flags
+
+
 def update(tr: TrainState, skip: torch.Tensor) -> None:
     """Apply the gradients and move the EMA, or, where `skip` (a device bool) is true, leave both as they are
     (a non-finite loss on some rank, or an fp16 overflow after which the GradScaler lowers its scale). The
@@ -639,13 +654,9 @@ def _loop(task: Task, tr: TrainState, loader: Any, total_steps: int, monitor: Mo
     for epoch, index, batch in batches_left:
         for g in tr.optimizer.param_groups:
             g["lr"] = lr_at(tr.step, total_steps, t)
-        losses, grad_norm = backward(tr, task, batch, logger.stats)
-
-        # Skip a step with a non-finite loss or gradient on any rank, decided on the device; too many in a row
-        # ends the run (checked at the next sync point, before any save). With fp16, infinite gradients are
-        # the GradScaler's routine overflow: skipped, but not counted.
-        flags = step_flags(losses, grad_norm, tr.scaler.is_enabled())
-        update(tr, flags.any())
+        # The step; one skipped for a non-finite loss or gradient on any rank is counted, and too many in a row
+        # end the run (checked at the next sync point, before any save).
+        losses, grad_norm, flags = train_step(tr, task, batch, logger.stats)
         logger.record(losses, flags)
         tr.advance(t.global_batch, epoch, index, loader.batches_per_epoch)
         if not sync_due(task, tr.step, total_steps):

@@ -202,7 +202,7 @@ def syncs_counted(enabled: bool):
 
 class Stepper:
     """One task's training state and batches, stepped one training step at a time (so two can interleave):
-    the loop's own backward and update for one rank (no DDP, no logging, no checkpoints)."""
+    the loop's own `train_step` for one rank (no DDP, no logging, no checkpoints)."""
 
     def __init__(self, task: DiffusionTask, loader):
         self.task, self.cuda = task, task.env.device.type == "cuda"
@@ -218,9 +218,7 @@ class Stepper:
         _, _, batch = next(self.data)
         self.tr.step = self.step_index
         with syncs_counted(self.cuda and timed) as seen:
-            losses, grad_norm = loop.backward(self.tr, self.task, batch, self.stats)
-            flags = loop.step_flags(losses, grad_norm, self.tr.scaler.is_enabled())
-            loop.update(self.tr, flags.any())
+            _, _, flags = loop.train_step(self.tr, self.task, batch, self.stats)
             self.nonfinite = self.nonfinite + flags.any().int()  # on the device, read once at the end
         self.syncs += len(seen)
         if self.cuda:
