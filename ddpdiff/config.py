@@ -27,7 +27,8 @@ class ConfigError(UsageError):
 
 def _f(default: Any, help: str, fixed: bool = False) -> Any:
     """A dataclass field with a help line (shown by `--help`); lists get a fresh copy per instance. `fixed`: the
-    setting decides the data order or the network, so a resume with another value is refused (`fixed_keys`)."""
+    setting decides the data order or the network, or is restored from the checkpoint whatever the config says
+    (the optimizer's hyperparameters), so a resume with another value is refused (`fixed_keys`)."""
     metadata = {"help": help, "fixed": fixed}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)
@@ -83,10 +84,10 @@ class TrainConfig:
     max_steps: int = _f(0, "optimizer steps to run; 0 means run `epochs` epochs")
     global_batch: int = _f(1250, "images per optimizer step, summed over all ranks", fixed=True)
     micro_batch: int = _f(0, "images per rank per forward pass; 0 means global_batch / world_size")
-    optimizer: Literal["adam", "adamw"] = _f("adam", "optimizer (fused kernels on GPU)")
+    optimizer: Literal["adam", "adamw"] = _f("adam", "optimizer (fused kernels on GPU)", fixed=True)
     lr: float = _f(1e-3, "peak learning rate")
-    betas: list[float] = _f([0.9, 0.999], "Adam betas")
-    weight_decay: float = _f(0.0, "weight decay")
+    betas: list[float] = _f([0.9, 0.999], "Adam betas", fixed=True)
+    weight_decay: float = _f(0.0, "weight decay", fixed=True)
     warmup_steps: int = _f(0, "linear learning-rate warm-up steps")
     lr_schedule: Literal["constant", "cosine"] = _f("constant", "learning rate after warm-up")
     grad_clip: float = _f(1.0, "clip the global gradient norm to this; 0 disables clipping")

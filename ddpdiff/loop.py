@@ -469,7 +469,8 @@ def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def check_changes(state: dict[str, Any], tr: TrainState, cfg: TrainerConfig, step: int) -> None:
     """Refuse a resume from checkpoint `state` whose config changes what decides the data order or the network
-    (each such key named: the fields marked `fixed`, `config.fixed_keys`), or whose shards have other content (their manifest's sha256; a copy elsewhere is the
+    or the optimizer state it restores (each such key named: the fields marked `fixed`, `config.fixed_keys`), or
+    whose shards have other content (their manifest's sha256; a copy elsewhere is the
     same shards); report any other change (learning rate, cadences, step budget, the shards' path…), which is
     allowed. A checkpoint from before shards were fingerprinted is compared by path: nothing proves the
     content the same."""
@@ -483,8 +484,8 @@ def check_changes(state: dict[str, Any], tr: TrainState, cfg: TrainerConfig, ste
         fixed.append(f"data.shards {before['data.shards']!r} -> {now['data.shards']!r} (the checkpoint predates "
                      "shard fingerprints)")
     if fixed:
-        raise ConfigError(f"{cfg.run.dir} was trained to step {step} with other settings that decide the data order "
-                          f"or the model: {'; '.join(fixed)}; use the same values, or another --run.dir")
+        raise ConfigError(f"{cfg.run.dir} was trained to step {step} with other settings that decide the data order, "
+                          f"the model or its optimizer: {'; '.join(fixed)}; use the same values, or another --run.dir")
     if changed:
         dist.print0(f"settings changed since step {step}: " + "; ".join(f"{k} {before[k]!r} -> {now[k]!r}"
                                                                         for k in changed))

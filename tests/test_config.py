@@ -111,7 +111,7 @@ def test_the_settings_a_resume_refuses_are_marked_on_their_own_fields():
     def section(cls, name):
         return {f"{name}.{f.name}" for f in dataclasses.fields(cls)}
 
-    shared = {"train.seed", "train.global_batch"}
+    shared = {"train.seed", "train.global_batch", "train.optimizer", "train.betas", "train.weight_decay"}
     assert config.fixed_keys(config.Config()) == (shared | section(config.ModelConfig, "model")
                                                   | section(config.DiffusionConfig, "diffusion"))
     assert config.fixed_keys(config.SRTrainerConfig()) == shared | {"sr.scale", "sr.channels", "sr.num_blocks",

@@ -744,10 +744,12 @@ def test_a_resume_that_changes_the_data_order_or_the_model_is_refused(shards_dir
     run = tmp_path / "run"
     assert train.main(_args(shards_dir, run, "--train.max_steps", 3)) == 0
     capsys.readouterr()
-    assert train.main(_args(shards_dir, run, "--train.max_steps", 4, "--train.seed", 1, "--model.dropout", 0.5)) == 2
+    assert train.main(_args(shards_dir, run, "--train.max_steps", 4, "--train.seed", 1, "--model.dropout", 0.5,
+                            "--train.weight_decay", 0.1)) == 2
     err = capsys.readouterr().err.strip()
     assert "was trained to step 3 with other settings" in err and "train.seed 0 -> 1" in err
     assert "model.dropout 0.0 -> 0.5" in err and err.count("\n") == 0
+    assert "train.weight_decay 0.0 -> 0.1" in err  # the optimizer state would restore 0.0 and ignore it
     assert train.main(_args(shards_dir, run, "--train.max_steps", 4, "--train.lr", 5e-4)) == 0
     out = capsys.readouterr().out
     assert "settings changed since step 3: train.max_steps 3 -> 4; train.lr 0.001 -> 0.0005" in out
