@@ -421,6 +421,15 @@ def validate(task: Task) -> None:
         problems.append(f"train.micro_batch must be >= 0, got {t.micro_batch}")
     if t.max_steps < 0 or t.epochs < 1:
         problems.append("train.max_steps must be >= 0 and train.epochs >= 1")
+    problems += [f"train.{name} must be {rule}, got {value}" for name, value, ok, rule in (
+        ("lr", t.lr, t.lr > 0, "> 0"),
+        ("betas", t.betas, len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "two values in [0, 1)"),
+        ("weight_decay", t.weight_decay, t.weight_decay >= 0, ">= 0"),
+        ("warmup_steps", t.warmup_steps, t.warmup_steps >= 0, ">= 0"),
+        ("grad_clip", t.grad_clip, t.grad_clip >= 0, ">= 0 (0 disables clipping)"),
+        ("ema_decay", t.ema_decay, 0 <= t.ema_decay <= 1, "in [0, 1]"),
+        ("max_nonfinite", t.max_nonfinite, t.max_nonfinite >= 0, ">= 0"),
+        ("seed", t.seed, t.seed >= 0, ">= 0")) if not ok]
     if cfg.checkpoint.every_steps < 1 or cfg.checkpoint.keep < 1:
         problems.append("checkpoint.every_steps and checkpoint.keep must be >= 1")
     if problems:

@@ -101,6 +101,8 @@ class DiffusionTask:
         if self.tokens and cfg.data.condition != "text":
             problems.append(f"data.condition={cfg.data.condition} conditions on images, which have no token "
                             "states: use model.cond=pooled")
+        if not 0 <= cfg.train.cond_drop <= 1:
+            problems.append(f"train.cond_drop must be in [0, 1] (a probability), got {cfg.train.cond_drop}")
         if cfg.sample.steps > cfg.diffusion.timesteps:
             problems.append(f"sample.steps {cfg.sample.steps} exceeds diffusion.timesteps {cfg.diffusion.timesteps}")
         problems += interval_problems(cfg.sample.guidance_interval, "sample.guidance_interval")

@@ -155,6 +155,13 @@ def test_config_problems_are_reported_together_before_training(shards_dir, tmp_p
     err = capsys.readouterr().err
     assert code == 2 and "model.cross_attn_resolutions [4] has none of" in err and "train.micro_batch" in err
     assert err.strip().count("\n") == 0
+    code = train.main(_args(shards_dir, tmp_path / "r", "--train.lr", -1, "--train.ema_decay", 1.5,
+                            "--train.cond_drop", 2, "--train.betas", "[0.9, 1.0]"))  # passed the type checks
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip().count("\n") == 0 and not (tmp_path / "r").exists()
+    assert "train.lr must be > 0, got -1.0" in err and "train.ema_decay must be in [0, 1], got 1.5" in err
+    assert "train.cond_drop must be in [0, 1] (a probability), got 2.0" in err
+    assert "train.betas must be two values in [0, 1), got [0.9, 1.0]" in err
     assert not (tmp_path / "r").exists()
 
 
