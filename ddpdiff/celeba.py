@@ -29,8 +29,17 @@ PROMPT_RULE = "'Photo of person ' + positive attribute names (lower-cased, '_' -
 
 def prompt(attrs: Mapping[str, int]) -> str:
     """The original design's prompt: 'Photo of person arched eyebrows, smiling, wearing hat.'"""
-    words = [name.lower().replace("_", " ") for name in ATTRIBUTES if attrs.get(name, 0) > 0]
+    words = [phrase(name) for name in ATTRIBUTES if attrs.get(name, 0) > 0]
     return "Photo of person " + ", ".join(words) + "." if words else "Photo of person."
+
+
+def phrase(name: str) -> str:
+    """How attribute `name` reads in a prompt ('Wearing_Hat' -> 'wearing hat')."""
+    return name.lower().replace("_", " ")
+
+
+# Every word of every training prompt: what a model trained on CelebA's prompts has seen.
+VOCABULARY = frozenset("photo of person".split()) | {w for name in ATTRIBUTES for w in phrase(name).split()}
 
 
 class AnnotationError(UsageError):

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
 import torch
 
+from . import celeba
 from .atomic import write_text
 from .errors import cli
 from .images import write_png
@@ -41,24 +43,67 @@ def save(out: Path, images: torch.Tensor, prompts: list[str], num: int, suffix: 
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
-    prompts = list(args.prompt or [])
+    """The prompts, checked before anything loads: none, or an empty one, is an error unless `--unconditional`
+    (which takes none); words no training prompt had get one warning line."""
+    prompts = list(args.prompt or []) + [attribute_prompt(names) for names in args.attributes or []]
     if args.prompts_file:
         try:
             text = Path(args.prompts_file).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise SamplingError(f"--prompts-file {args.prompts_file}: cannot read ({e})") from None
         prompts += [line.strip() for line in text.splitlines() if line.strip()]
+    if args.unconditional:
+        if prompts:
+            raise SamplingError("--unconditional samples without a prompt: drop --prompt, --attributes and "
+                                "--prompts-file, or --unconditional")
+        return [""]
+    if not prompts:
+        raise SamplingError("no prompts: pass --prompt TEXT, --attributes NAMES, --prompts-file FILE, or "
+                            "--unconditional")
+    empty = [i for i, text in enumerate(prompts, 1) if not text.strip()]
+    if empty:
+        raise SamplingError(f"prompt {empty[0]} is empty: pass --unconditional for samples without a prompt")
+    unknown = sorted({w for text in prompts for w in re.findall(r"[a-z0-9]+", text.lower())} - celeba.VOCABULARY)
+    if unknown:
+        print(f"ddpdiff.sample: warning: words no training prompt had, which the model may ignore: "
+              f"{', '.join(unknown)} (it learned 'Photo of person' + CelebA attribute names: --list-attributes)",
+              file=sys.stderr, flush=True)
     return prompts
+
+
+def attribute_prompt(names: str) -> str:
+    """The training prompt of comma-separated attribute names ('Smiling,Blond_Hair'; any case, spaces for
+    underscores)."""
+    known = {name.lower(): name for name in celeba.ATTRIBUTES}
+    wanted = [n.strip().lower().replace(" ", "_") for n in names.split(",") if n.strip()]
+    unknown = [n for n in wanted if n not in known]
+    if unknown or not wanted:
+        raise SamplingError(f"--attributes {names!r}: {'unknown ' + ', '.join(unknown) if unknown else 'no names'}; "
+                            "expected CelebA attribute names (--list-attributes)")
+    return celeba.prompt({known[n]: 1 for n in wanted})
+
+
+def list_attributes() -> str:
+    """CelebA's attribute names with the words they are in a prompt."""
+    return "\n".join(f"{name:<22}{celeba.phrase(name)}" for name in celeba.ATTRIBUTES)
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ddpdiff.sample", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, metavar="RUN_DIR|FILE",
+    p.add_argument("--checkpoint", metavar="RUN_DIR|FILE",
                    help="diffusion checkpoint, a run directory meaning its newest complete checkpoint, or an "
                         "exported .safetensors file (python -m ddpdiff.export)")
-    p.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt (repeat for several)")
+    p.add_argument("--prompt", action="append", metavar="TEXT",
+                   help="a prompt (repeat for several); the model learned 'Photo of person ' + attribute words, "
+                        "e.g. 'Photo of person blond hair, smiling.'")
+    p.add_argument("--attributes", action="append", metavar="NAMES",
+                   help="a prompt built from comma-separated CelebA attribute names, e.g. Smiling,Blond_Hair "
+                        "(repeat for several)")
+    p.add_argument("--list-attributes", action="store_true", help="print the 40 attribute names and exit")
     p.add_argument("--prompts-file", metavar="FILE", help="one prompt per line (blank lines skipped)")
+    p.add_argument("--unconditional", action="store_true",
+                   help="samples without a prompt (guidance 0: the model's unconditional branch)")
     p.add_argument("--num", type=int, default=4, help="images per prompt (default 4)")
     p.add_argument("--sampler", choices=sorted(SAMPLERS), default=DEFAULT_SAMPLER,
                    help=f"{SAMPLER_HELP} (default {DEFAULT_SAMPLER})")
@@ -77,14 +122,23 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--upsampler", metavar="RUN_DIR|FILE", help="SRResNet run, checkpoint or exported file to "
                    "upsample with (python -m ddpdiff.train_sr); writes *_SIZE.png beside the originals")
     p.add_argument("--sr-batch-size", type=int, default=8, help="images per upsampler batch (default 8)")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder (created; files are overwritten)")
+    p.add_argument("--out", metavar="DIR", help="output folder (created; files are overwritten)")
     return p
 
 
 @cli("ddpdiff.sample")
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    if args.list_attributes:
+        print(list_attributes())
+        return 0
+    missing = [flag for flag, value in (("--checkpoint", args.checkpoint), ("--out", args.out)) if value is None]
+    if missing:
+        p.error(f"the following arguments are required: {', '.join(missing)}")
     prompts = read_prompts(args)
+    if args.unconditional:
+        args.guidance = 0.0
     if min(args.num, args.batch_size, args.sr_batch_size) < 1:
         raise SamplingError("--num, --batch-size and --sr-batch-size must be >= 1")
     upsampler, _, sr_path = load_network(args.upsampler, SRMeta, args.device) if args.upsampler else (None,) * 3

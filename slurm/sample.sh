@@ -2,7 +2,7 @@
 # Sample faces from a trained run on one GPU of a SLURM node.
 #
 #   mkdir -p logs   # SLURM opens the log file before this script runs and fails if logs/ is missing
-#   sbatch slurm/sample.sh --checkpoint runs/celeba64 --prompt "a smiling woman with blond hair" --out samples/celeba64
+#   sbatch slurm/sample.sh --checkpoint runs/celeba64 --attributes Smiling,Blond_Hair --out samples/celeba64
 #
 # The arguments go to `python -m ddpdiff.sample` unchanged (see its --help). Submit from the repository root
 # with the virtual environment on PATH (source .venv/bin/activate): the job inherits the submitting shell's

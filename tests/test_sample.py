@@ -186,5 +186,46 @@ def test_help_explains_the_flags(capsys):
     out = capsys.readouterr().out
     assert exit.value.code == 0
     for flag in ("--checkpoint", "--prompt", "--prompts-file", "--num", "--sampler", "--steps", "--guidance",
-                 "--guidance-interval", "--seed", "--batch-size", "--device", "--out", "--upsampler", "--clip-pretrained", "--raw"):
+                 "--guidance-interval", "--seed", "--batch-size", "--device", "--out", "--upsampler", "--clip-pretrained", "--raw",
+                 "--attributes", "--list-attributes", "--unconditional"):
         assert flag in out
+
+
+@pytest.mark.parametrize("args, fragment", [
+    ([], "no prompts: pass --prompt TEXT, --attributes NAMES, --prompts-file FILE, or --unconditional"),
+    (["--prompt", ""], "prompt 1 is empty: pass --unconditional"),
+    (["--prompt", PROMPTS[0], "--prompt", "   "], "prompt 2 is empty"),
+    (["--attributes", "Smiling,Bogus"], "--attributes 'Smiling,Bogus': unknown bogus; expected CelebA attribute"),
+    (["--unconditional", "--prompt", PROMPTS[0]], "--unconditional samples without a prompt"),
+])
+def test_prompts_are_checked_before_anything_loads(tmp_path, capsys, args, fragment):
+    """The checkpoint does not exist: the prompt's error comes first, so nothing was loaded for it."""
+    assert sample.main(["--checkpoint", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out"), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert fragment in err and err.count("\n") == 0
+
+
+def test_attributes_build_the_training_prompt_and_unconditional_samples_need_none(run, tmp_path):
+    assert sample.main(["--checkpoint", str(run), "--attributes", "smiling,Blond hair", "--num", "1", "--steps", "1",
+                        "--out", str(tmp_path / "a")]) == 0
+    assert json.loads((tmp_path / "a" / "samples.json").read_text())["prompts"] == ["Photo of person blond hair, "
+                                                                                    "smiling."]
+    assert sample.main(["--checkpoint", str(run), "--unconditional", "--num", "1", "--steps", "1",
+                        "--out", str(tmp_path / "u")]) == 0
+    index = json.loads((tmp_path / "u" / "samples.json").read_text())
+    assert index["prompts"] == [""] and index["guidance"] == 0.0
+
+
+def test_words_the_model_never_saw_get_one_warning_line(run, tmp_path, capsys):
+    assert sample.main(["--checkpoint", str(run), "--prompt", "a smiling woman with blond hair", "--num", "1",
+                        "--steps", "1", "--out", str(tmp_path / "out")]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "words no training prompt had, which the model may ignore: a, with, woman" \
+        in warnings[0]
+
+
+def test_list_attributes_needs_no_checkpoint(capsys):
+    assert sample.main(["--list-attributes"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 40 and lines[0].split() == ["5_o_Clock_Shadow", "5", "o", "clock", "shadow"]
+    assert "Wearing_Hat           wearing hat" in lines
