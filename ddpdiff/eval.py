@@ -16,9 +16,10 @@ measures). --held-out A+B[,C+D] adds --held-out-num samples per attribute pair f
 have both (numbered from N on): does the model compose a pair its training images never showed together,
 and does each attribute keep its own colour (docs/evaluation.md). Diversity adds K samples for each of P
 val prompts: sample k of val prompt i from the seed the sampling CLI gives prompt i's image k. A metric
-whose inputs are missing is skipped with a message saying how to provide them. The JSON report goes to
-stdout and to RUN/eval/step_S_numN_stepsK_guidanceG[_intervalLO-HI].json, the scalars to RUN/tb
-(TensorBoard). During training the same evaluation runs every `eval.every_steps` on all ranks.
+whose inputs are missing is skipped with a message saying how to provide them; when none of the requested
+metrics can run, the command stops with status 2 before sampling. The JSON report goes to stdout and to
+OUT/eval/step_S_numN_stepsK_guidanceG[_intervalLO-HI].json, the scalars to OUT/tb (TensorBoard); OUT is
+--out, by default the checkpoint's run directory. During training the same evaluation runs every `eval.every_steps` on all ranks.
 """
 
 from __future__ import annotations
@@ -81,6 +82,9 @@ def evaluate(checkpoint: str | Path, spec: EvalSpec, shards: str | Path | None =
     shards = shards or pipe.shards
     evaluator = Evaluator(shards, pipe.meta, spec, clip_pretrained=clip_pretrained, device=pipe.device,
                           rank=dist.rank(), world_size=dist.world_size(), progress=progress, log=log)
+    if not evaluator.names:  # before any sampling: nothing would be measured
+        raise EvalError(f"none of the requested metrics ({', '.join(spec.metrics)}) can run; the line above says "
+                        "what each needs")
     make = sampler(pipe, spec, progress)
 
     def generate(batch: dict) -> torch.Tensor:
@@ -147,6 +151,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--fp32", action="store_true", help="sample in float32 on GPUs too (default: bf16 autocast)")
     p.add_argument("--clip-pretrained", metavar="TAG|FILE",
                    help="where the checkpoint's CLIP weights are on an offline node (default: as recorded)")
+    p.add_argument("--out", metavar="DIR", help="where the report (DIR/eval/*.json) and the TensorBoard scalars "
+                   "(DIR/tb) go (default: the checkpoint's run directory, or an exported file's folder)")
     p.add_argument("--save-samples", metavar="DIR", help="also write the generated samples there (iIIIIII.png)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
@@ -185,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UsageError(e.worded(flag)) from None
     if env.rank != 0:  # rank 0 alone reports
         return 0
-    run_dir = run_dir_of(Path(result.checkpoint))
+    run_dir = Path(args.out) if args.out else run_dir_of(Path(result.checkpoint))
     interval = "_interval{:g}-{:g}".format(*args.guidance_interval) if args.guidance_interval else ""
     out = run_dir / "eval" / (f"step_{result.step:08d}_num{args.num}_steps{args.steps}_"
                               f"guidance{args.guidance:g}{interval}.json")

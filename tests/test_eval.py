@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from ddpdiff import eval as ev, fid, metrics, synthetic, train
+from ddpdiff.metrics import attr_acc
 
 from conftest import CONFIGS
 from test_metrics import HELD_OUT
@@ -72,6 +73,21 @@ def test_cli_errors_are_one_line(diffusion_run, classifier_run, shards_dir, caps
                     "--metrics", "attr_acc", "--num", "2", "--steps", "2", "--held-out", "Blond_Hair+Mustache"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("ddpdiff.eval: error: --held-out Blond_Hair+Mustache: no val image of")
+
+
+@pytest.mark.slow
+def test_out_names_where_reports_go_and_no_metric_that_can_run_is_an_error(diffusion_run, shards_dir, tmp_path,
+                                                                         capsys):
+    common = ["--checkpoint", str(diffusion_run), "--data", str(shards_dir), "--num", "2", "--steps", "2",
+              "--no-progress"]
+    assert ev.main([*common, "--metrics", "attr_acc"]) == 2  # no --classifier: nothing it asked for can run
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == ("ddpdiff.eval: error: none of the requested metrics (attr_acc) can run; the line above says "
+                       "what each needs")
+    assert sum(attr_acc.TRAIN_CLASSIFIER_HINT in line for line in err) == 1  # the reason, said once
+    out = tmp_path / "elsewhere"
+    assert ev.main([*common, "--metrics", "clip_cosine", "--out", str(out)]) == 0
+    assert len(list((out / "eval").glob("step_00000002_num2_*.json"))) == 1 and "eval/clip_cosine" in _tb_scalars(out)
 
 
 @pytest.mark.slow
