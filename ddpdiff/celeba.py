@@ -1,9 +1,11 @@
-"""The CelebA format: its 40 attribute names, split codes, the prompt rule, and reading the annotation files."""
+"""The CelebA format: its 40 attribute names, split codes, the prompt rule, the layouts its copies come in, and
+reading the annotation files."""
 
 from __future__ import annotations
 
 import csv
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
@@ -47,24 +49,57 @@ class AnnotationError(UsageError):
 
 
 ATTR_FILE, PARTITION_FILE, IDENTITY_FILE = "list_attr_celeba.txt", "list_eval_partition.txt", "identity_CelebA.txt"
+KAGGLE_ATTR_FILE, KAGGLE_PARTITION_FILE = "list_attr_celeba.csv", "list_eval_partition.csv"
 IMAGE_DIR = "img_align_celeba"
 
 
-def _rows(path: Path, skip: int, width: int) -> pd.DataFrame:
-    """Whitespace-separated rows after `skip` header lines as strings, each checked to have `width` values.
+@dataclass(frozen=True)
+class Layout:
+    """Where one copy of CelebA keeps its annotations and images, as its source ships it."""
+    name: str
+    attr: Path
+    partition: Path
+    identity: Path | None  # optional even where named; Kaggle's copy has none
+    images: Path
+
+    @property
+    def csv(self) -> bool:
+        return self.attr.suffix == ".csv"
+
+
+def find_layout(root: str | os.PathLike) -> Layout:
+    """The layout of the CelebA copy at `root`: the official one (MMLAB's files unpacked in ROOT), torchvision's
+    (the official files in ROOT/celeba/, as `torchvision.datasets.CelebA(ROOT, download=True)` leaves them) or
+    Kaggle's (CSV annotations, the images in a nested img_align_celeba/img_align_celeba/)."""
+    root = Path(root)
+    for base, name in ((root, "official"), (root / "celeba", "torchvision (ROOT/celeba/)")):
+        if (base / ATTR_FILE).is_file() or (base / PARTITION_FILE).is_file():
+            return Layout(name, base / ATTR_FILE, base / PARTITION_FILE, base / IDENTITY_FILE, base / IMAGE_DIR)
+    if (root / KAGGLE_ATTR_FILE).is_file() or (root / KAGGLE_PARTITION_FILE).is_file():
+        nested = root / IMAGE_DIR / IMAGE_DIR
+        return Layout("Kaggle (CSV annotations)", root / KAGGLE_ATTR_FILE, root / KAGGLE_PARTITION_FILE, None,
+                      nested if nested.is_dir() else root / IMAGE_DIR)
+    raise AnnotationError(f"{root}: no CelebA annotations: expected {ATTR_FILE} and {PARTITION_FILE} in it (the "
+                          f"official layout) or in celeba/ (torchvision's), or {KAGGLE_ATTR_FILE} and "
+                          f"{KAGGLE_PARTITION_FILE} (Kaggle's)")
+
+
+def _rows(path: Path, skip: int, width: int, sep: str | None = None) -> pd.DataFrame:
+    """Rows after `skip` header lines as strings (split at white space, or at `sep`), each checked to have
+    `width` values.
 
     pandas reads each line whole and splits it, so a short or long row becomes a clear error with its line
     number instead of silently shifted columns.
     """
     lines = pd.read_csv(path, sep="\x00", header=None, names=["line"], skiprows=skip, dtype=str,
                         quoting=csv.QUOTE_NONE, skip_blank_lines=False, keep_default_na=False)["line"]
-    cells = lines.str.split(expand=True).reindex(columns=range(width + 1))
+    cells = lines.str.split(sep, expand=True).reindex(columns=range(width + 1))
     widths = cells.notna().sum(axis=1).to_numpy()
     bad = np.flatnonzero(widths != width)
     if len(bad):
         i = bad[0]
         raise AnnotationError(f"{path}: line {i + skip + 1}: expected {width} values, got "
-                              f"{len(lines.iloc[i].split())}")
+                              f"{len(lines.iloc[i].split(sep))}")
     cells = cells.iloc[:, :width]
     dup = cells[0].duplicated()
     if dup.any():
@@ -79,28 +114,53 @@ def _first_bad(path: Path, ok: pd.DataFrame, cells: pd.DataFrame, what: str) -> 
     return AnnotationError(f"{path}: line {line}: {what}, got {cells.at[line, col]!r}")
 
 
-def read_annotations(root: str | os.PathLike) -> pd.DataFrame:
-    """The validated annotations, one row per image sorted by file name.
+def _names(path: Path, line: int, names: list[str], expected: list[str], what: str) -> None:
+    if names != expected:
+        wrong = next((i for i, (a, b) in enumerate(zip(names, expected)) if a != b), min(len(names), len(expected)))
+        raise AnnotationError(f"{path}: line {line}: expected {what}, got {len(names)} names (first difference at "
+                              f"position {wrong + 1})")
+
+
+def _attribute_rows(attr_path: Path, csv_format: bool) -> pd.DataFrame:
+    """The attribute file's rows: the file name, then the 40 values as strings."""
+    with open(attr_path) as f:
+        head = [f.readline(), f.readline()]
+    if csv_format:  # Kaggle's: a header line "image_id,5_o_Clock_Shadow,…", then comma-separated rows
+        _names(attr_path, 1, head[0].strip().split(","), ["image_id", *ATTRIBUTES],
+               "the header image_id and the 40 CelebA attribute names")
+        return _rows(attr_path, 1, 41, ",")
+    count, names = head[0].strip(), head[1].split()
+    if not count.isdigit():
+        raise AnnotationError(f"{attr_path}: line 1: expected the number of images, got {count!r}")
+    _names(attr_path, 2, names, list(ATTRIBUTES), "the 40 CelebA attribute names")
+    attrs = _rows(attr_path, 2, 41)
+    if len(attrs) != int(count):
+        raise AnnotationError(f"{attr_path}: line 1: header says {count} images but the file has {len(attrs)} rows")
+    return attrs
+
+
+def _partition_rows(part_path: Path, csv_format: bool) -> pd.DataFrame:
+    if csv_format:
+        with open(part_path) as f:
+            header = f.readline().strip().split(",")
+        _names(part_path, 1, header, ["image_id", "partition"], "the header image_id,partition")
+        return _rows(part_path, 1, 2, ",")
+    return _rows(part_path, 0, 2)
+
+
+def read_annotations(root: str | os.PathLike, layout: Layout | None = None) -> pd.DataFrame:
+    """The validated annotations, one row per image sorted by file name, from `layout` (default: the one
+    `find_layout` detects at `root`).
 
     Columns: `file` (e.g. 000001.jpg), `split` (train/val/test), `identity` (int, -1 without the optional
     identity file), and the 40 attributes as 0/1 int8. Raises AnnotationError on the first problem.
     """
-    root = Path(root)
-    attr_path, part_path, id_path = root / ATTR_FILE, root / PARTITION_FILE, root / IDENTITY_FILE
+    layout = layout or find_layout(root)
+    attr_path, part_path, id_path = layout.attr, layout.partition, layout.identity
     for path in (attr_path, part_path):
         if not path.is_file():
-            raise AnnotationError(f"{path}: file not found (expected the official CelebA layout under {root})")
-    with open(attr_path) as f:
-        count, names = f.readline().strip(), f.readline().split()
-    if not count.isdigit():
-        raise AnnotationError(f"{attr_path}: line 1: expected the number of images, got {count!r}")
-    if names != list(ATTRIBUTES):
-        wrong = next((i for i, (a, b) in enumerate(zip(names, ATTRIBUTES)) if a != b), min(len(names), 40))
-        raise AnnotationError(f"{attr_path}: line 2: expected the 40 CelebA attribute names, "
-                              f"got {len(names)} names (first difference at position {wrong + 1})")
-    attrs = _rows(attr_path, 2, 41)
-    if len(attrs) != int(count):
-        raise AnnotationError(f"{attr_path}: line 1: header says {count} images but the file has {len(attrs)} rows")
+            raise AnnotationError(f"{path}: file not found (expected the {layout.name} CelebA layout under {root})")
+    attrs = _attribute_rows(attr_path, layout.csv)
     values = attrs.iloc[:, 1:]
     ok = values.isin(["1", "-1"])
     if not ok.all(axis=None):
@@ -108,7 +168,7 @@ def read_annotations(root: str | os.PathLike) -> pd.DataFrame:
     table = pd.DataFrame((values.to_numpy() == "1").astype(np.int8), columns=list(ATTRIBUTES))
     table.insert(0, "file", attrs[0].to_numpy())
 
-    part = _rows(part_path, 0, 2)
+    part = _partition_rows(part_path, layout.csv)
     ok = part[[1]].isin(["0", "1", "2"])
     if not ok.all(axis=None):
         raise _first_bad(part_path, ok, part[[1]], "expected split 0 (train), 1 (val) or 2 (test)")
@@ -117,7 +177,7 @@ def read_annotations(root: str | os.PathLike) -> pd.DataFrame:
     table.insert(1, "split", [SPLITS[splits[f]] for f in table["file"]])
 
     identity = np.full(len(table), -1, dtype=np.int64)
-    if id_path.is_file():
+    if id_path is not None and id_path.is_file():
         ids = _rows(id_path, 0, 2)
         ok = ids[[1]].apply(lambda c: c.str.fullmatch(r"\d+"))
         if not ok.all(axis=None):

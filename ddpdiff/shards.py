@@ -14,6 +14,7 @@ import json
 import multiprocessing as mp
 import os
 import re
+import sys
 import tarfile
 from collections import deque
 from dataclasses import dataclass
@@ -322,7 +323,11 @@ def write_shards(root, out, *, image_size: int = 64, samples_per_shard: int = 10
         (out.exists() and not out.is_dir(), f"{out} exists and is not a folder")] if bad]
     if problems:
         raise ShardError("; ".join(problems))
-    table = celeba.read_annotations(root)
+    layout = celeba.find_layout(root)
+    table = celeba.read_annotations(root, layout)
+    if progress:
+        print(f"CelebA in the {layout.name} layout: {len(table)} images in {layout.images}, annotations "
+              f"{layout.attr.name}, {layout.partition.name}", file=sys.stderr, flush=True)
     plans = plan_shards(table, samples_per_shard)
     mine = plans[task_index::num_tasks]
     task_file = _task_path(out, num_tasks, task_index)
@@ -335,7 +340,7 @@ def write_shards(root, out, *, image_size: int = 64, samples_per_shard: int = 10
         header = _header(encoder, image_size, tokens, samples_per_shard, len(table), len(plans))
         out.mkdir(parents=True, exist_ok=True)
         done = _claim(out, mine, task_file, header, resume, overwrite, num_tasks)
-        _write_task(root, out, table, mine, done, encoder, header, image_size, tokens, workers, clip_batch_size,
+        _write_task(layout.images, out, table, mine, done, encoder, header, image_size, tokens, workers, clip_batch_size,
                     num_tasks, task_index, progress)
     partial = _progress(header, mine, done, num_tasks, task_index)
     _write_json(task_file, partial)
@@ -354,7 +359,7 @@ def _torch_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _write_task(root: Path, out: Path, table, mine: list[ShardPlan], done: dict[str, dict], encoder: clip.Encoder,
+def _write_task(images: Path, out: Path, table, mine: list[ShardPlan], done: dict[str, dict], encoder: clip.Encoder,
                 header: dict, image_size: int, tokens: bool, workers: int, clip_batch_size: int, num_tasks: int,
                 task_index: int, progress: bool) -> None:
     """Write this task's unfinished shards in order, recording each in the task file as soon as it is safe."""
@@ -363,7 +368,7 @@ def _write_task(root: Path, out: Path, table, mine: list[ShardPlan], done: dict[
     # Stream the images of the unfinished shards through the CPU stage, in shard order.
     todo = [p for p in mine if p.path not in done]
     files = table["file"].tolist()
-    prepare = PrepareImage(root / celeba.IMAGE_DIR, image_size, encoder.preprocess)
+    prepare = PrepareImage(images, image_size, encoder.preprocess)
     prepared = ordered_map(prepare, (files[r] for p in todo for r in p.rows), workers, clip_batch_size)
     bar = tqdm(total=sum(len(p.rows) for p in mine), initial=sum(len(p.rows) for p in mine if p.path in done),
                unit="img", desc=f"shards {task_index + 1}/{num_tasks}", disable=not progress, smoothing=0.1)

@@ -283,6 +283,21 @@ def celeba_root(tmp_path_factory) -> Path:
     return synthetic.make(tmp_path_factory.mktemp("celeba"), num=48, seed=0, workers=1, progress=False)
 
 
+def as_kaggle(official: Path, root: Path) -> Path:
+    """A CelebA root in the official layout copied as Kaggle ships CelebA: CSV annotations with a header line,
+    no identity file, the images in a nested img_align_celeba/img_align_celeba/."""
+    from ddpdiff import celeba
+
+    attr = (official / celeba.ATTR_FILE).read_text().splitlines()
+    rows = [",".join(["image_id", *attr[1].split()])] + [",".join(line.split()) for line in attr[2:]]
+    root.mkdir(parents=True, exist_ok=True)
+    (root / celeba.KAGGLE_ATTR_FILE).write_text("\n".join(rows) + "\n")
+    part = [",".join(line.split()) for line in (official / celeba.PARTITION_FILE).read_text().splitlines()]
+    (root / celeba.KAGGLE_PARTITION_FILE).write_text("\n".join(["image_id,partition", *part]) + "\n")
+    shutil.copytree(official / celeba.IMAGE_DIR, root / celeba.IMAGE_DIR / celeba.IMAGE_DIR)
+    return root
+
+
 @pytest.fixture(scope="session")
 def shards_dir(celeba_root, tmp_path_factory) -> Iterator[Path]:
     """Shards of `celeba_root` with the tiny random CLIP and token states, 8 samples per shard."""

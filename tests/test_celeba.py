@@ -6,6 +6,8 @@ import pytest
 
 from ddpdiff import celeba
 
+from conftest import as_kaggle
+
 ATTR, PART, IDENT = celeba.ATTR_FILE, celeba.PARTITION_FILE, celeba.IDENTITY_FILE
 
 
@@ -104,3 +106,38 @@ def test_cli_exits_2_with_one_line(fault, faulty_root, make_shards, capsys, tmp_
     assert code == 2
     assert err.count("\n") == 1 and f"{root / name}: line {line}:" in err
     assert not (tmp_path / "out").exists()  # validated before any work
+
+
+def test_the_torchvision_and_kaggle_layouts_are_detected_and_read_as_the_official_one(celeba_root, tmp_path):
+    official = celeba.read_annotations(celeba_root)
+    assert celeba.find_layout(celeba_root).name == "official"
+    shutil.copytree(celeba_root, tmp_path / "tv" / "celeba")
+    layout = celeba.find_layout(tmp_path / "tv")
+    assert layout.name == "torchvision (ROOT/celeba/)" and layout.images == tmp_path / "tv" / "celeba" / celeba.IMAGE_DIR
+    assert celeba.read_annotations(tmp_path / "tv").equals(official)
+    kaggle = as_kaggle(celeba_root, tmp_path / "kaggle")
+    layout = celeba.find_layout(kaggle)
+    assert layout.name == "Kaggle (CSV annotations)" and layout.images == kaggle / celeba.IMAGE_DIR / celeba.IMAGE_DIR
+    table = celeba.read_annotations(kaggle)
+    assert (table["identity"] == -1).all()  # Kaggle's copy has no identity file
+    assert table.drop(columns="identity").equals(official.drop(columns="identity"))
+
+
+def test_kaggle_csv_faults_name_file_and_line(celeba_root, tmp_path):
+    kaggle = as_kaggle(celeba_root, tmp_path)
+    attr = kaggle / celeba.KAGGLE_ATTR_FILE
+    lines = attr.read_text().splitlines()
+    attr.write_text("\n".join([*lines[:4], lines[4].rsplit(",", 1)[0], *lines[5:]]) + "\n")
+    with pytest.raises(celeba.AnnotationError, match=rf"^{attr}: line 5: expected 41 values, got 40$"):
+        celeba.read_annotations(kaggle)
+    attr.write_text("\n".join(["file," + lines[0].split(",", 1)[1], *lines[1:]]) + "\n")
+    with pytest.raises(celeba.AnnotationError, match=r"line 1: expected the header image_id and the 40 CelebA "
+                                                     r"attribute names, got 41 names \(first difference at position 1\)"):
+        celeba.read_annotations(kaggle)
+
+
+def test_a_root_without_annotations_names_every_layout_it_looked_for(tmp_path):
+    with pytest.raises(celeba.AnnotationError, match=r"no CelebA annotations: expected list_attr_celeba.txt and "
+                                                     r"list_eval_partition.txt .* or list_attr_celeba.csv and "
+                                                     r"list_eval_partition.csv \(Kaggle's\)$"):
+        celeba.read_annotations(tmp_path)

@@ -18,6 +18,8 @@ from PIL import Image
 
 from ddpdiff import celeba, clip, shards, synthetic
 
+from conftest import as_kaggle
+
 TINY = dict(clip_model="tiny", clip_pretrained="none", samples_per_shard=8, workers=0, clip_batch_size=16,
             progress=False)  # the shards_dir fixture's flags
 MEMBERS = ["jpg", "img.npy", "txt", "json", "clip_image.npy", "clip_text.npy", "clip_tokens.npy"]
@@ -110,6 +112,22 @@ def test_embeddings_equal_a_recomputation_through_ddpdiff_clip(manifest, shards_
     empty_text, empty_tokens = encoder.encode_prompts([""])
     np.testing.assert_allclose(manifest["empty_prompt"]["clip_text"], empty_text[0], atol=1e-3)
     np.testing.assert_allclose(manifest["empty_prompt"]["tokens"], empty_tokens[0], atol=2e-3, rtol=2e-3)
+
+
+def test_the_kaggle_layout_gives_the_same_samples(celeba_root, shards_dir, tmp_path, capsys):
+    """The same images, prompts and embeddings, whichever copy of CelebA they came from (only the identity,
+    which Kaggle's copy lacks, differs in each KEY.json)."""
+    kaggle = as_kaggle(celeba_root, tmp_path / "kaggle")
+    shards.write_shards(kaggle, tmp_path / "out", **{**TINY, "progress": True})
+    assert "CelebA in the Kaggle (CSV annotations) layout: 48 images in" in capsys.readouterr().err
+    for split in celeba.SPLITS:
+        for tar in sorted((shards_dir / split).glob("*.tar")):
+            ours, theirs = (tarfile.open(t) for t in (tar, tmp_path / "out" / split / tar.name))
+            names = [m.name for m in ours.getmembers()]
+            assert names == [m.name for m in theirs.getmembers()]
+            for name in names:
+                if not name.endswith(".json"):
+                    assert ours.extractfile(name).read() == theirs.extractfile(name).read(), name
 
 
 def test_two_runs_are_byte_identical(celeba_root, shards_dir, tmp_path):

@@ -25,7 +25,7 @@ def bench_cpu(args) -> None:
     shards.worker_init()  # one torch thread, as in make_shards' worker processes
     files = celeba.read_annotations(args.root)["file"].tolist()[: args.num]
     for model in args.clip_model:
-        prepare = shards.PrepareImage(Path(args.root) / celeba.IMAGE_DIR, args.image_size,
+        prepare = shards.PrepareImage(celeba.find_layout(args.root).images, args.image_size,
                                       clip.load(model, "none").preprocess)
         for f in files[:20]:  # warm up caches and lazy imports
             prepare(f)

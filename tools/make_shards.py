@@ -25,8 +25,11 @@ from ddpdiff.errors import cli  # noqa: E402
 def parse_args(argv=None) -> argparse.Namespace:
     num_tasks, task_index = shards.task_from_env()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--root", help="CelebA root: img_align_celeba/, list_attr_celeba.txt, list_eval_partition.txt, "
-                                  "optional identity_CelebA.txt")
+    p.add_argument("--root", help="CelebA root, in any of the layouts it ships in (the layout found is named in "
+                                  "one line): the official one (img_align_celeba/, list_attr_celeba.txt, "
+                                  "list_eval_partition.txt, optional identity_CelebA.txt), torchvision's (the same "
+                                  "in ROOT/celeba/) or Kaggle's (list_attr_celeba.csv, list_eval_partition.csv, "
+                                  "img_align_celeba/img_align_celeba/)")
     p.add_argument("--out", help="output folder for the shards and manifest.json")
     p.add_argument("--merge", metavar="OUT", help="only combine the finished tasks' files under OUT/tasks into "
                                                   "OUT/manifest.json (the last step of a SLURM array)")
