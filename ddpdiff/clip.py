@@ -123,6 +123,12 @@ class Encoder:
         self.dim = int(self.encode_texts([""]).shape[1])
         self.token_dim = int(self._ln_final.normalized_shape[0])
 
+    def to(self, device: str | torch.device) -> Encoder:
+        """Move the CLIP model to `device`; returns self."""
+        self.model.to(device)
+        self.device = str(device)
+        return self
+
     def info(self) -> dict:
         """The manifest's "clip" entry: enough to reload this encoder (`load_matching`); "quick_gelu" is what
         the built model has, not what was asked for."""

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from PIL import Image
 from torch import nn
 
 from . import checkpoint, clip, conditioning, config, dist, models, weights
@@ -23,6 +24,7 @@ from .conditioning import Cond
 from .config import ModelConfig
 from .diffusion import Diffusion
 from .errors import UsageError
+from .images import to_pil
 from .models import ClassifierMeta, DenoiserMeta, SRMeta
 from .sampling import (
     DEFAULT_GUIDANCE,
@@ -38,6 +40,12 @@ from .weights import Weights
 
 class SamplingError(UsageError):
     """Sampling settings or prompts that cannot be used; the message is one line naming them."""
+
+
+@dataclass(frozen=True)
+class PipelineOutput:
+    """What `Pipeline.__call__` returns, as a diffusers pipeline does."""
+    images: list[Image.Image]
 
 
 @dataclass
@@ -75,6 +83,25 @@ class Pipeline:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def to(self, device: str | torch.device) -> Pipeline:
+        """Move the denoiser and its CLIP to `device` (diffusers' `pipe.to("cuda")`); returns self."""
+        self.model.to(device)
+        if self.encoder is not None:
+            self.encoder.to(device)
+        return self
+
+    def __call__(self, prompt: str | Sequence[str], num_images_per_prompt: int = 1,
+                 num_inference_steps: int = DEFAULT_STEPS, guidance_scale: float = DEFAULT_GUIDANCE,
+                 generator: torch.Generator | None = None, **settings) -> PipelineOutput:
+        """diffusers' call: PIL images for a prompt or a list of them (`.images`, prompt-major). A `generator`
+        gives its seed (`initial_seed()`), so the same generator gives the same images, those `sample` gives
+        for that seed; `settings` as `generate` (sampler, eta, guidance_interval, batch_size)."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        seed = generator.initial_seed() if generator is not None else 0
+        images = self.sample(prompts, num_images_per_prompt, seed, steps=num_inference_steps,
+                             guidance=guidance_scale, **settings)
+        return PipelineOutput(to_pil(images))
 
     @property
     def tokens(self) -> bool:

@@ -229,3 +229,18 @@ def test_list_attributes_needs_no_checkpoint(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 40 and lines[0].split() == ["5_o_Clock_Shadow", "5", "o", "clock", "shadow"]
     assert "Wearing_Hat           wearing hat" in lines
+
+
+def test_the_diffusers_call_gives_pil_images_of_the_generators_seed(run):
+    import numpy as np
+
+    from ddpdiff.images import to_pil
+
+    pipe = Pipeline.from_checkpoint(run).to("cpu")
+    out = pipe(PROMPTS, num_images_per_prompt=2, num_inference_steps=2, guidance_scale=3.0,
+               generator=torch.Generator().manual_seed(7))
+    same = pipe.sample(PROMPTS, num=2, seed=7, steps=2, guidance=3.0)
+    assert len(out.images) == 4 and all(isinstance(i, Image.Image) for i in out.images)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(out.images, to_pil(same)))
+    other = pipe(PROMPTS[0], num_inference_steps=2, generator=torch.Generator().manual_seed(8)).images
+    assert len(other) == 1 and not np.array_equal(np.asarray(other[0]), np.asarray(out.images[0]))
