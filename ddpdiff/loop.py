@@ -477,12 +477,11 @@ def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def check_changes(state: dict[str, Any], tr: TrainState, cfg: TrainerConfig, step: int) -> None:
-    """Refuse a resume from checkpoint `state` whose config changes what decides the data order or the network
-    or the optimizer state it restores (each such key named: the fields marked `fixed`, `config.fixed_keys`), or
-    whose shards have other content (their manifest's sha256; a copy elsewhere is the
-    same shards); report any other change (learning rate, cadences, step budget, the shards' path…), which is
-    allowed. A checkpoint from before shards were fingerprinted is compared by path: nothing proves the
-    content the same."""
+    """Refuse a resume from checkpoint `state` whose config changes what decides the data order, the network or
+    the optimizer state it restores (each such key named: the fields marked `fixed`, `config.fixed_keys`), or
+    whose shards have other content (their manifest's sha256; a copy elsewhere is the same shards); report any
+    other change (learning rate, cadences, step budget, the shards' path…), which is allowed. A checkpoint from
+    before shards were fingerprinted is compared by path: nothing proves the content the same."""
     before, now = _flat(state["config"]), _flat(config.to_dict(cfg))
     changed = [k for k in now if k in before and before[k] != now[k]]
     fixed = [f"{k} {before[k]!r} -> {now[k]!r}" for k in changed if k in config.fixed_keys(cfg)]
